@@ -1,0 +1,121 @@
+"""Public entry points: prune(), evaluate(), save(), load()."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import METADATA_FILE, read_metadata, save_model
+from .data import TextSplits, calibration_batch, evaluation_windows, load_text, tokenize
+from .errors import ConfigError, DataError
+from .evaluate import layer_sparsity, overall_sparsity, perplexity
+from .models import load_model
+from .pruning import PruneReport, prune_model
+from .recipe import Recipe
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_recipe(recipe: Recipe | dict | str | Path | None = None, **overrides) -> Recipe:
+    """A Recipe from a Recipe, a dict or a YAML path, with keyword overrides applied."""
+    if recipe is None:
+        base = {}
+    elif isinstance(recipe, Recipe):
+        base = recipe.to_dict()
+    elif isinstance(recipe, dict):
+        base = dict(recipe)
+    else:
+        base = Recipe.from_yaml(recipe).to_dict()
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return Recipe.from_dict(base)
+
+
+def _splits(data: str | Path | TextSplits) -> TextSplits:
+    return data if isinstance(data, TextSplits) else load_text(data)
+
+
+def calibration_ids(data: str | Path | TextSplits | torch.Tensor, tokenizer, recipe: Recipe) -> torch.Tensor:
+    """[nsamples, seqlen] token ids drawn (seeded) from the calibration part of `data`."""
+    if isinstance(data, torch.Tensor):
+        if data.ndim != 2 or data.dtype not in (torch.int64, torch.int32):
+            raise DataError(f"calibration ids must be an integer tensor [nsamples, seqlen], got {tuple(data.shape)} "
+                            f"{data.dtype}")
+        return data.long()
+    tokens = tokenize(tokenizer, _splits(data).calibration)
+    return calibration_batch(tokens, recipe.nsamples, recipe.seqlen, recipe.seed)
+
+
+def prune(model: nn.Module | str, calibration="builtin", recipe: Recipe | dict | str | Path | None = None, *,
+          tokenizer=None, device: str | None = None, progress: bool = True, **overrides
+          ) -> tuple[nn.Module, PruneReport]:
+    """Prune `model` in place (a module, or a spec such as 'default' to load) and return it with a report.
+
+    `calibration`: 'builtin', 'wikitext2', 'c4', a text-file path, TextSplits, or token ids [n, seqlen].
+    `recipe` and keyword overrides (method=, sparsity=, pattern=, nsamples=, ...) describe the run.
+    """
+    recipe = make_recipe(recipe, **overrides)
+    if isinstance(model, (str, Path)):
+        model, loaded_tok = load_model(model)
+        tokenizer = tokenizer or loaded_tok
+    from .registry import get_method
+
+    needs_data = get_method(recipe.method).statistics is not None
+    ids = calibration_ids(calibration, tokenizer, recipe) if needs_data else None
+    torch.manual_seed(recipe.seed)
+    report = prune_model(model, ids, recipe, device=device, progress=progress)
+    return model, report
+
+
+def evaluate(model: nn.Module, data="builtin", *, tokenizer=None, seqlen: int = 512, batch_size: int = 4,
+             max_windows: int | None = None, progress: bool = True) -> dict:
+    """Held-out perplexity over non-overlapping windows of `data`'s evaluation part, plus sparsity."""
+    if isinstance(data, torch.Tensor):
+        tokens = data.reshape(-1)
+    else:
+        tokens = tokenize(tokenizer, _splits(data).evaluation)
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        raise ConfigError(f"evaluation seqlen must be an integer >= 2, got {seqlen!r}")
+    windows = evaluation_windows(tokens, seqlen)
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ConfigError(f"max_windows must be >= 1, got {max_windows}")
+        windows = windows[:max_windows]
+    layers = layer_sparsity(model)
+    return {
+        "perplexity": perplexity(model, windows, batch_size=batch_size, progress=progress),
+        "data": data if isinstance(data, str) else getattr(data, "name", "tokens"),
+        "seqlen": seqlen,
+        "windows": int(windows.shape[0]),
+        "tokens": int(windows.numel()),
+        "sparsity": overall_sparsity(layers),
+        "layers": layers,
+    }
+
+
+def save(model: nn.Module, path: str | Path, *, tokenizer=None, report: PruneReport | None = None,
+         evaluation: dict | None = None, source: str | None = None, force: bool = False) -> Path:
+    """Write a `save_pretrained` directory (safetensors) plus sparsecraft.json, atomically."""
+    metadata = {"sparsecraft_version": __version__, "source_model": source}
+    if report is not None:
+        metadata.update(report.to_dict())
+    if evaluation is not None:
+        metadata["evaluation"] = evaluation
+    return save_model(model, path, tokenizer=tokenizer, metadata=metadata, force=force)
+
+
+def load(path: str | Path, dtype: str | torch.dtype | None = None) -> nn.Module:
+    """Load a model saved by `save` (or any model spec `load_model` accepts); metadata in `.sparsecraft`."""
+    model, tokenizer = load_model(path, dtype=dtype)
+    model.sparsecraft = read_metadata(path) if Path(path).is_dir() else {}
+    model.tokenizer = tokenizer
+    return model
+
+
+__all__ = ["prune", "evaluate", "save", "load", "make_recipe", "calibration_ids", "peak_rss_mb", "METADATA_FILE"]

@@ -1,0 +1,170 @@
+"""The sequential block runner: the one place that catches transformer-block inputs.
+
+Calibration runs the model one block at a time: the inputs of block 0 are caught once, then for each
+block the statistics its layers need are collected by forward hooks, the caller prunes (or inspects)
+the block, and the block's outputs *after* that become the next block's inputs. Only one block's
+activations are alive at any time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .models import Target, weight_matrix
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to stop the model's forward at the first block."""
+
+
+def _to(obj, device: torch.device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@dataclass
+class BlockInputs:
+    """Per calibration batch: the block's positional args and keyword args, as the model passed them."""
+
+    args: list[tuple]
+    kwargs: list[dict]
+
+    def replace_hidden(self, outputs: list[torch.Tensor]) -> None:
+        """Make `outputs` the hidden states fed to the next block."""
+        for i, out in enumerate(outputs):
+            if self.args[i]:
+                self.args[i] = (out, *self.args[i][1:])
+            else:
+                self.kwargs[i] = {**self.kwargs[i], "hidden_states": out}
+
+
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iterable[torch.Tensor],
+                         device: torch.device) -> BlockInputs:
+    """Run the model on each batch of token ids until `first_block` and keep what that block receives."""
+    caught = BlockInputs([], [])
+
+    def hook(module, args, kwargs):
+        caught.args.append(_to(args, device))
+        caught.kwargs.append(_to(kwargs, device))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    where = model_device(model)
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                try:
+                    model(input_ids=ids.to(where), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return caught
+
+
+def block_output(out) -> torch.Tensor:
+    """Blocks return a tensor, or a tuple/ModelOutput whose first entry is the hidden states."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out[0] if hasattr(out, "__getitem__") else out
+
+
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [block_output(block(*a, **k)) for a, k in zip(inputs.args, inputs.kwargs)]
+
+
+StatsFactory = Callable[[Target], object | None]
+
+
+def attach_statistics(targets: list[Target], factory: StatsFactory, device: torch.device):
+    """Create a collector per target and hook it to the target's inputs; returns (stats, handles)."""
+    stats: dict[str, object] = {}
+    handles = []
+    for target in targets:
+        collector = factory(target)
+        if collector is None:
+            continue
+        stats[target.name] = collector
+
+        def hook(module, args, output, collector=collector):
+            collector.add_batch(args[0].detach())
+
+        handles.append(target.module.register_forward_hook(hook))
+    return stats, handles
+
+
+def columns(target: Target) -> int:
+    return weight_matrix(target.module).shape[1]
+
+
+def run_sequential(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    batches: list[torch.Tensor],
+    targets: list[Target],
+    factory: StatsFactory,
+    on_block: Callable[[int, list[Target], dict[str, object]], None],
+    device: torch.device,
+    progress: bool = True,
+) -> None:
+    """For each block: collect statistics of its targets on its inputs, call `on_block`, then feed the
+    block's new outputs to the next block. Targets outside the blocks are handled last, from one
+    forward pass of the whole (already processed) model."""
+    from tqdm.auto import tqdm
+
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        if t.block is not None:
+            by_block.setdefault(t.block, []).append(t)
+    outside = [t for t in targets if t.block is None]
+    last = max(by_block, default=-1)
+    if last >= 0:
+        inputs = capture_block_inputs(model, blocks[0], batches, device)
+        for index in tqdm(range(last + 1), desc="calibrating blocks", disable=not progress, unit="block"):
+            block = blocks[index]
+            home = model_device(block)
+            block.to(device)
+            block_targets = by_block.get(index, [])
+            stats, handles = attach_statistics(block_targets, factory, device)
+            try:
+                if stats:
+                    run_block(block, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+            on_block(index, block_targets, stats)
+            if index < last:
+                inputs.replace_hidden(run_block(block, inputs))
+            block.to(home)
+        del inputs
+    if outside:
+        stats, handles = attach_statistics(outside, factory, device)
+        where = model_device(model)
+        try:
+            with torch.no_grad():
+                for ids in tqdm(batches, desc="calibrating outer layers", disable=not progress or not stats):
+                    if stats:
+                        model(input_ids=ids.to(where), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        on_block(-1, outside, stats)

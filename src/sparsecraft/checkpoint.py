@@ -1,0 +1,79 @@
+"""Saving and loading pruned models: a plain `save_pretrained` directory plus `sparsecraft.json`.
+
+Writes go to a hidden temporary directory next to the target and are renamed into place at the end,
+so an interrupted run never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from torch import nn
+
+from .errors import ModelError, OutputError
+
+METADATA_FILE = "sparsecraft.json"
+
+
+def check_output(path: str | Path, force: bool) -> Path:
+    """Fail early when `path` exists and may not be replaced."""
+    path = Path(path).expanduser()
+    if path.exists() and not force:
+        raise OutputError(f"output {path} already exists: choose another --out or pass --force to replace it")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output {path} exists and is not a directory: choose another --out")
+    return path
+
+
+def atomic_directory(path: Path, write) -> None:
+    """Call `write(tmp_dir)`, then move tmp_dir to `path` (replacing an existing directory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / "replaced")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_model(model: nn.Module, path: str | Path, tokenizer=None, metadata: dict | None = None,
+               force: bool = False) -> Path:
+    """Save `model` (safetensors), its tokenizer and `metadata` (as sparsecraft.json) atomically."""
+    path = check_output(path, force)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / METADATA_FILE, metadata or {})
+
+    atomic_directory(path, write)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict:
+    file = Path(path) / METADATA_FILE
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{file} is not valid JSON ({exc}); re-create it with sparsecraft prune") from None

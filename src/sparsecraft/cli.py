@@ -1,0 +1,141 @@
+"""`sparsecraft prune | eval` — every SparsecraftError becomes a one-line message and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import SparsecraftError
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="builtin",
+                   help="builtin (CPython docs, held-out split), wikitext2, c4 (local HF datasets) or a text file")
+    p.add_argument("--max-eval-windows", type=int, default=None, help="evaluate on at most this many windows")
+    p.add_argument("--eval-batch-size", type=int, default=4)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .registry import method_names
+
+    parser = argparse.ArgumentParser(prog="sparsecraft", description="Make LLMs sparse, small and fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="one-shot prune a model with calibration data")
+    p.add_argument("--model", default="default", help="HF model directory, .gguf file, or 'default' (SmolLM2-135M)")
+    p.add_argument("--recipe", default=None, help="YAML recipe; flags given here override its values")
+    p.add_argument("--method", default=None, help=f"one of: {', '.join(method_names())} (default wanda)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of zeros in [0, 1) (implied by N:M)")
+    p.add_argument("--pattern", default=None, help="unstructured (default) or N:M, e.g. 2:4 or 4:8")
+    p.add_argument("--targets", action="append", default=None, help="regex of layer names to prune (repeatable)")
+    p.add_argument("--ignore", action="append", default=None, help="regex of layer names to skip (repeatable)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 64)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=None, help="seed for drawing calibration windows (default 0)")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration windows per forward (default 8)")
+    p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening, fraction of mean diag(H)")
+    p.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block size (default 128)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--dtype", default=None, help="load the model in float32, bfloat16 or float16")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-eval", action="store_true", help="skip the dense and sparse perplexity evaluation")
+    _add_data_args(p)
+
+    e = sub.add_parser("eval", help="perplexity and sparsity of a model")
+    e.add_argument("model", help="model directory, .gguf file or 'default'")
+    e.add_argument("--seqlen", type=int, default=512, help="tokens per evaluation window")
+    e.add_argument("--json", default=None, help="also write the report to this JSON file")
+    e.add_argument("--layers", action="store_true", help="print the per-layer sparsity table")
+    e.add_argument("--dtype", default=None)
+    _add_data_args(e)
+    return parser
+
+
+def cmd_prune(args) -> int:
+    from . import api
+    from .checkpoint import check_output
+    from .models import load_model, resolve_device
+    from .report import format_table
+
+    recipe = api.make_recipe(
+        args.recipe, method=args.method, sparsity=args.sparsity, pattern=args.pattern, targets=args.targets,
+        ignore=args.ignore, data=args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+        batch_size=args.batch_size, damp=args.damp, blocksize=args.blocksize,
+    )
+    out = check_output(args.out, args.force)
+    device = resolve_device(args.device)
+    progress = not args.quiet
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model.to(device)
+    splits = api.load_text(recipe.data)
+    ids = api.calibration_ids(splits, tokenizer, recipe)
+    load_s = time.perf_counter() - t0
+
+    def evaluate() -> dict:
+        return api.evaluate(model, splits, tokenizer=tokenizer, seqlen=recipe.seqlen,
+                            batch_size=args.eval_batch_size, max_windows=args.max_eval_windows, progress=progress)
+
+    dense = None if args.no_eval else evaluate()
+    _, report = api.prune(model, ids, recipe, device=device, progress=progress)
+    sparse = None if args.no_eval else evaluate()
+    evaluation = None
+    if sparse is not None:
+        evaluation = {"data": recipe.data, "seqlen": recipe.seqlen, "windows": sparse["windows"],
+                      "dense_perplexity": dense["perplexity"], "perplexity": sparse["perplexity"]}
+    api.save(model, out, tokenizer=tokenizer, report=report, evaluation=evaluation, source=str(args.model),
+             force=args.force)
+    rows = []
+    if dense is not None:
+        rows.append(["dense", "-", f"{dense['sparsity']:.2%}", dense["perplexity"], "-"])
+    rows.append([recipe.method, recipe.pattern, f"{report.sparsity:.2%}",
+                 sparse["perplexity"] if sparse else None, f"{report.seconds:.1f}"])
+    print(format_table(["model", "pattern", "sparsity", "perplexity", "prune s"], rows))
+    print(f"load {load_s:.1f}s, peak RSS {api.peak_rss_mb():.0f} MiB; saved to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import api
+    from .checkpoint import read_metadata, write_json_atomic
+    from .models import load_model
+    from .report import format_table
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    result = api.evaluate(model, args.data, tokenizer=tokenizer, seqlen=args.seqlen,
+                          batch_size=args.eval_batch_size, max_windows=args.max_eval_windows,
+                          progress=not args.quiet)
+    meta = read_metadata(args.model) if args.model != "default" else {}
+    if args.layers:
+        print(format_table(["layer", "shape", "sparsity"],
+                           [[n, "x".join(map(str, v["shape"])), f"{v['sparsity']:.2%}"]
+                            for n, v in result["layers"].items()]))
+    recipe = meta.get("recipe", {})
+    print(format_table(
+        ["model", "method", "pattern", "data", "windows", "sparsity", "perplexity"],
+        [[args.model, recipe.get("method", "-"), recipe.get("pattern", "-"), result["data"], result["windows"],
+          f"{result['sparsity']:.2%}", result["perplexity"]]],
+    ))
+    if args.json:
+        write_json_atomic(args.json, {**result, "model": args.model, "recipe": recipe})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+    except SparsecraftError as exc:
+        print(f"sparsecraft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsecraft: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

