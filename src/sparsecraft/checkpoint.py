@@ -33,6 +33,9 @@ def atomic_directory(path: Path, write) -> None:
     """Call `write(tmp_dir)`, then move tmp_dir to `path` (replacing an existing directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a normal directory
     try:
         write(tmp)
         if path.exists():

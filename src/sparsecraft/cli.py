@@ -10,8 +10,9 @@ from .errors import SparsecraftError
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="builtin",
-                   help="builtin (CPython docs, held-out split), wikitext2, c4 (local HF datasets) or a text file")
+    p.add_argument("--data", default=None,
+                   help="builtin (default: CPython docs, held-out split), wikitext2, c4 (local HF datasets) "
+                        "or a text file")
     p.add_argument("--max-eval-windows", type=int, default=None, help="evaluate on at most this many windows")
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -105,7 +106,7 @@ def cmd_eval(args) -> int:
     from .report import format_table
 
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    result = api.evaluate(model, args.data, tokenizer=tokenizer, seqlen=args.seqlen,
+    result = api.evaluate(model, args.data or "builtin", tokenizer=tokenizer, seqlen=args.seqlen,
                           batch_size=args.eval_batch_size, max_windows=args.max_eval_windows,
                           progress=not args.quiet)
     meta = read_metadata(args.model) if args.model != "default" else {}

