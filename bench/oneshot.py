@@ -72,8 +72,8 @@ def main() -> None:
     rows = []
     for spec in specs:
         print(f"running {spec['method']} {spec['pattern']} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                              text=True)
+        cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
             sys.exit(f"{spec['method']} {spec['pattern']} failed:\n{proc.stderr[-3000:]}")

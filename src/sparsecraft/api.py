@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .checkpoint import METADATA_FILE, read_metadata, save_model
 from .data import TextSplits, calibration_batch, evaluation_windows, load_text, tokenize
 from .errors import ConfigError, DataError
@@ -76,10 +76,8 @@ def prune(model: nn.Module | str, calibration="builtin", recipe: Recipe | dict |
 def evaluate(model: nn.Module, data="builtin", *, tokenizer=None, seqlen: int = 512, batch_size: int = 4,
              max_windows: int | None = None, progress: bool = True) -> dict:
     """Held-out perplexity over non-overlapping windows of `data`'s evaluation part, plus sparsity."""
-    if isinstance(data, torch.Tensor):
-        tokens = data.reshape(-1)
-    else:
-        tokens = tokenize(tokenizer, _splits(data).evaluation)
+    is_ids = isinstance(data, torch.Tensor)
+    tokens = data.reshape(-1) if is_ids else tokenize(tokenizer, _splits(data).evaluation)
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise ConfigError(f"evaluation seqlen must be an integer >= 2, got {seqlen!r}")
     windows = evaluation_windows(tokens, seqlen)
@@ -118,4 +116,4 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None) -> nn.Module:
     return model
 
 
-__all__ = ["prune", "evaluate", "save", "load", "make_recipe", "calibration_ids", "peak_rss_mb", "METADATA_FILE"]
+__all__ = ["METADATA_FILE", "calibration_ids", "evaluate", "load", "make_recipe", "peak_rss_mb", "prune", "save"]

@@ -39,7 +39,7 @@ def sparsegpt_prune(
     blocksize: int = 128, damp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     W = weight.clone().to(torch.float32)
-    rows, columns = W.shape
+    columns = W.shape[1]
     Hinv = inverse_hessian_cholesky(hessian.to(W.device, torch.float32), W, damp)
     keep = torch.ones_like(W, dtype=torch.bool)
     check_columns(columns, pattern)
