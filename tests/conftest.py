@@ -73,8 +73,9 @@ def make_byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-WORDS = ("the model weights are pruned with calibration data so that every layer keeps its most important "
-         "inputs while the removed ones are set to zero and the remaining weights may be updated").split()
+SENTENCE = ("the model weights are pruned with calibration data so that every layer keeps its most important inputs "
+            "while the removed ones are set to zero and the remaining weights may be updated")
+WORDS = tuple(SENTENCE.split(" "))
 
 
 def make_text(paragraphs: int = 10, words: int = 60, seed: int = 0) -> str:
@@ -123,9 +124,10 @@ def byte_tokenizer():
 
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
-    """A UTF-8 text file of 10 paragraphs (about 4k byte tokens: 8 calibration, 2 evaluation paragraphs)."""
+    """A UTF-8 text file of 10 paragraphs of ~2.6k characters (= byte tokens); each paragraph is one ~2k-character
+    section of sparsecraft's split, so 8 go to calibration and 2 to evaluation."""
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text(make_text(10, 80), encoding="utf-8")
+    path.write_text(make_text(10, 400), encoding="utf-8")
     return path
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import floor_count
 
+from conftest import floor_count
 from sparsecraft.errors import ConfigError, SparsecraftError
 from sparsecraft.patterns import Pattern, check_columns, is_nm_valid, mask_from_scores, prune_count, resolve_sparsity
 from sparsecraft.recipe import Recipe

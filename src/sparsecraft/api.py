@@ -88,7 +88,7 @@ def evaluate(model: nn.Module, data="builtin", *, tokenizer=None, seqlen: int = 
     layers = layer_sparsity(model)
     return {
         "perplexity": perplexity(model, windows, batch_size=batch_size, progress=progress),
-        "data": data if isinstance(data, str) else getattr(data, "name", "tokens"),
+        "data": "tokens" if is_ids else str(getattr(data, "name", data)),
         "seqlen": seqlen,
         "windows": int(windows.shape[0]),
         "tokens": int(windows.numel()),

@@ -59,6 +59,7 @@ def cmd_prune(args) -> int:
     from . import api
     from .checkpoint import check_output
     from .models import load_model, resolve_device
+    from .registry import get_method
     from .report import format_table
 
     recipe = api.make_recipe(
@@ -73,7 +74,8 @@ def cmd_prune(args) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(device)
     splits = api.load_text(recipe.data)
-    ids = api.calibration_ids(splits, tokenizer, recipe)
+    needs_data = get_method(recipe.method).statistics is not None
+    ids = api.calibration_ids(splits, tokenizer, recipe) if needs_data else None
     load_s = time.perf_counter() - t0
 
     def evaluate() -> dict:
@@ -128,6 +130,11 @@ def cmd_eval(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if args.quiet:  # also silence transformers' own bars ("Loading weights")
+        hf_logging.disable_progress_bar()
     try:
         return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
     except SparsecraftError as exc:
@@ -136,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparsecraft: interrupted; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -91,22 +91,29 @@ _HF_DATASETS = {
 
 def hf_splits(name: str) -> TextSplits:
     args, kwargs, calib_split, eval_split, column, joiner = _HF_DATASETS[name]
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    os.environ.update({k: "1" for k in saved})  # never wait on a network that is not there
     try:
-        import datasets
-    except ImportError:
-        raise DataError(
-            f"dataset {name!r} needs the `datasets` package (pip install datasets) and a local copy of the "
-            "data; or use --data builtin or --data path/to/text.txt"
-        ) from None
-    try:
-        ds = datasets.load_dataset(*args, **kwargs)
-    except Exception as exc:  # datasets raises many types when offline or missing
-        raise DataError(
-            f"dataset {name!r} is not available locally ({type(exc).__name__}); download it where there is a "
-            "network into the HF cache, or use --data builtin or --data path/to/text.txt"
-        ) from None
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(
+                f"dataset {name!r} needs the `datasets` package (pip install datasets) and a local copy of the "
+                "data; or use --data builtin or --data path/to/text.txt"
+            ) from None
+        try:
+            ds = datasets.load_dataset(*args, **kwargs)
+        except Exception as exc:  # datasets raises many types when offline or missing
+            raise DataError(
+                f"dataset {name!r} is not available locally ({type(exc).__name__}); download it where there is "
+                "a network into the HF cache, or use --data builtin or --data path/to/text.txt"
+            ) from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     if name == "c4":  # the papers draw from a bounded prefix of the shards
         calib_docs = ds[calib_split][column][:20000]
         eval_docs = ds[eval_split][column][:1100]

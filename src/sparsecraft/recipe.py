@@ -57,6 +57,14 @@ class Recipe:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= float(self.damp) < 1.0:
             raise ConfigError(f"damp must be in [0, 1) (fraction of the mean Hessian diagonal), got {self.damp}")
+        for name in ("targets", "ignore"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a list of regexes, got {value!r}")
+            else:
+                setattr(self, name, list(value))
         for regex in [*self.targets, *self.ignore]:
             try:
                 re.compile(regex)
