@@ -64,10 +64,7 @@ def prune(model: nn.Module | str, calibration="builtin", recipe: Recipe | dict |
     if isinstance(model, (str, Path)):
         model, loaded_tok = load_model(model)
         tokenizer = tokenizer or loaded_tok
-    from .registry import get_method
-
-    needs_data = get_method(recipe.method).statistics is not None
-    ids = calibration_ids(calibration, tokenizer, recipe) if needs_data else None
+    ids = calibration_ids(calibration, tokenizer, recipe) if recipe.needs_data else None
     torch.manual_seed(recipe.seed)
     report = prune_model(model, ids, recipe, device=device, progress=progress)
     return model, report

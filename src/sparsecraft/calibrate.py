@@ -125,10 +125,13 @@ def run_sequential(
     on_block: Callable[[int, list[Target], dict[str, object]], None],
     device: torch.device,
     progress: bool = True,
+    modifies: bool = True,
+    desc: str = "calibrating blocks",
 ) -> None:
     """For each block: collect statistics of its targets on its inputs, call `on_block`, then feed the
     block's new outputs to the next block. Targets outside the blocks are handled last, from one
-    forward pass of the whole (already processed) model."""
+    forward pass of the whole (already processed) model. With `modifies=False` (`on_block` only reads),
+    statistics and outputs come from a single pass per block."""
     from tqdm.auto import tqdm
 
     by_block: dict[int, list[Target]] = {}
@@ -139,21 +142,27 @@ def run_sequential(
     last = max(by_block, default=-1)
     if last >= 0:
         inputs = capture_block_inputs(model, blocks[0], batches, device)
-        for index in tqdm(range(last + 1), desc="calibrating blocks", disable=not progress, unit="block"):
+        for index in tqdm(range(last + 1), desc=desc, disable=not progress, unit="block"):
             block = blocks[index]
             home = model_device(block)
             block.to(device)
             block_targets = by_block.get(index, [])
             stats, handles = attach_statistics(block_targets, factory, device)
+            outputs = None
             try:
                 if stats:
-                    run_block(block, inputs)
+                    produced = run_block(block, inputs)
+                    outputs = None if modifies else produced
+                    del produced
             finally:
                 for h in handles:
                     h.remove()
             on_block(index, block_targets, stats)
             if index < last:
-                inputs.replace_hidden(run_block(block, inputs))
+                if modifies or outputs is None:
+                    outputs = run_block(block, inputs)
+                inputs.replace_hidden(outputs)
+            del outputs
             block.to(home)
         del inputs
     if outside:
@@ -161,7 +170,7 @@ def run_sequential(
         where = model_device(model)
         try:
             with torch.no_grad():
-                for ids in tqdm(batches, desc="calibrating outer layers", disable=not progress or not stats):
+                for ids in tqdm(batches, desc=f"{desc} (outer layers)", disable=not progress or not stats):
                     if stats:
                         model(input_ids=ids.to(where), use_cache=False)
         finally:

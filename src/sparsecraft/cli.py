@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="calibration windows per forward (default 8)")
     p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening, fraction of mean diag(H)")
     p.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block size (default 128)")
+    p.add_argument("--allocation", default=None, choices=["uniform", "owl"],
+                   help="per-layer sparsity: uniform (default) or owl (outlier-weighed, overall sparsity kept)")
+    p.add_argument("--owl-lambda", type=float, default=None, help="OWL spread: layer sparsity in s +- lambda (0.08)")
+    p.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold, x mean score (5)")
+    p.add_argument("--refine", default=None, help="mask refinement after the method: none (default) or dsnot")
+    p.add_argument("--dsnot-cycles", type=int, default=None, help="DSnoT: at most this many swaps per row (50)")
+    p.add_argument("--dsnot-threshold", type=float, default=None, help="DSnoT: stop a row at |shift| <= this (0.1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", default=None, help="load the model in float32, bfloat16 or float16")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -59,13 +66,14 @@ def cmd_prune(args) -> int:
     from . import api
     from .checkpoint import check_output
     from .models import load_model, resolve_device
-    from .registry import get_method
     from .report import format_table
 
     recipe = api.make_recipe(
         args.recipe, method=args.method, sparsity=args.sparsity, pattern=args.pattern, targets=args.targets,
         ignore=args.ignore, data=args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        batch_size=args.batch_size, damp=args.damp, blocksize=args.blocksize,
+        batch_size=args.batch_size, damp=args.damp, blocksize=args.blocksize, allocation=args.allocation,
+        owl_lambda=args.owl_lambda, owl_m=args.owl_m, refine=args.refine, dsnot_cycles=args.dsnot_cycles,
+        dsnot_threshold=args.dsnot_threshold,
     )
     out = check_output(args.out, args.force)
     device = resolve_device(args.device)
@@ -74,8 +82,7 @@ def cmd_prune(args) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(device)
     splits = api.load_text(recipe.data)
-    needs_data = get_method(recipe.method).statistics is not None
-    ids = api.calibration_ids(splits, tokenizer, recipe) if needs_data else None
+    ids = api.calibration_ids(splits, tokenizer, recipe) if recipe.needs_data else None
     load_s = time.perf_counter() - t0
 
     def evaluate() -> dict:
