@@ -185,3 +185,87 @@ def test_recipe_replays_identically(tiny_llama, calib_ids, tmp_path):
     b, _ = sparsecraft.prune(build_model("llama"), calib_ids, tmp_path / "r.yaml", progress=False)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+# --- refit and dense targets -------------------------------------------------------------------------------
+
+def exact_refit(target: torch.Tensor, keep: torch.Tensor, hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Row-by-row solve of H_SS w_S = (target H)_S, the closed form refit_weights iterates towards."""
+    H = hessian.double().clone()
+    H.diagonal().add_(damp * H.diagonal().mean())
+    out = torch.zeros_like(target, dtype=torch.float64)
+    for i in range(target.shape[0]):
+        s = keep[i]
+        out[i, s] = torch.linalg.solve(H[s][:, s], (target[i].double() @ H)[s])
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_refit_solves_least_squares_and_keeps_mask(pattern):
+    from sparsecraft.refine.refit import refit_weights
+
+    x = shifted_inputs(3)
+    stats = layer_stats(x)
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(4))
+    p = Pattern.parse(pattern)
+    keep = mask_from_scores(w.abs() * stats.norms, 0.5, p, "row")
+    fitted = refit_weights(w, w * keep, keep, stats.hessian, damp=0.01, iters=200, tol=1e-10)
+    assert bool((fitted[~keep] == 0).all())
+    torch.testing.assert_close(fitted.double(), exact_refit(w, keep, stats.hessian, 0.01), rtol=1e-3, atol=1e-3)
+    before = reconstruction_error(w, w * keep, stats.hessian)
+    after = reconstruction_error(w, fitted, stats.hessian)
+    assert (after <= before * (1 + 1e-6)).all() and after.sum() < 0.8 * before.sum()
+
+
+def test_dense_target_is_least_squares_against_dense_outputs():
+    g = torch.Generator().manual_seed(5)
+    x_dense = shifted_inputs(5)
+    x_pruned = x_dense + 0.3 * torch.randn(x_dense.shape, generator=g)  # what a pruned model feeds this layer
+    stats = InputStats(64, torch.device("cpu"), cross=True)
+    for a, b in zip(x_pruned.split(256), x_dense.split(256)):
+        stats.add_batch(a, dense=b)
+    assert stats.has_cross
+    w = torch.randn(16, 64, generator=g)
+    v = stats.dense_target(w, damp=0.0)
+    ls = torch.linalg.lstsq(x_pruned.double(), (x_dense.double() @ w.double().t())).solution.t()
+    torch.testing.assert_close(v.double(), ls, rtol=1e-3, atol=1e-3)
+    # W' fed the pruned inputs reproduces the dense outputs better than W does
+    err = lambda m: ((x_dense @ w.t()) - (x_pruned @ m.t())).norm()  # noqa: E731
+    assert err(v) < 0.9 * err(w)
+
+
+@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.6), ("2:4", None)])
+def test_dense_targets_and_refit_in_pipeline(arch, tiny_model, calib_ids, pattern, sparsity):
+    _, report = sparsecraft.prune(tiny_model, calib_ids, method="sparsegpt", sparsity=sparsity, pattern=pattern,
+                                  dense_targets=True, refine="dsnot,refit", progress=False)
+    assert report.recipe["refine"] == ["dsnot", "refit"] and report.recipe["dense_targets"] is True
+    p = Pattern.parse(pattern)
+    for r in report.layers:
+        w = weight_matrix(tiny_model.get_submodule(r.name))
+        if p.is_nm:
+            assert is_nm_valid(w, p)
+        else:  # SparseGPT's per-block counts are not kept by DSnoT's row swaps, the layer total is
+            assert int((w == 0).sum()) >= r.pruned
+            assert abs(r.pruned - w.numel() * sparsity) <= w.shape[1] // 128 + 1
+        assert r.error is not None and 0 <= r.error < 1
+
+
+def test_dense_stream_statistics_match_a_manual_two_stream_run(tiny_llama, calib_ids):
+    """Block 0 sees identical dense and pruned inputs, so its cross term equals its own X^T X."""
+    from sparsecraft.calibrate import columns, run_sequential
+    from sparsecraft.models import find_blocks, select_targets
+
+    _, blocks = find_blocks(tiny_llama)
+    targets = [t for t in select_targets(tiny_llama) if t.block == 0]
+    seen = {}
+
+    def on_block(index, block_targets, stats):
+        seen.update(stats)
+
+    run_sequential(tiny_llama, blocks, list(calib_ids.split(4)), targets,
+                   lambda t: InputStats(columns(t), torch.device("cpu"), cross=True), on_block,
+                   torch.device("cpu"), progress=False, dense_stream=True)
+    assert len(seen) == 7
+    for stats in seen.values():
+        assert stats.has_cross
+        torch.testing.assert_close(stats.dtx, stats.xtx)

@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer sparsity: uniform (default) or owl (outlier-weighed, overall sparsity kept)")
     p.add_argument("--owl-lambda", type=float, default=None, help="OWL spread: layer sparsity in s +- lambda (0.08)")
     p.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold, x mean score (5)")
-    p.add_argument("--refine", default=None, help="mask refinement after the method: none (default) or dsnot")
+    p.add_argument("--refine", default=None,
+                   help="refinements after the method, comma-separated, in order: dsnot (mask), refit (weights)")
+    p.add_argument("--dense-targets", action="store_true", default=None,
+                   help="reconstruct each layer towards the dense model's outputs (corrects earlier blocks' error)")
     p.add_argument("--dsnot-cycles", type=int, default=None, help="DSnoT: at most this many swaps per row (50)")
     p.add_argument("--dsnot-threshold", type=float, default=None, help="DSnoT: stop a row at |shift| <= this (0.1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
@@ -73,7 +76,7 @@ def cmd_prune(args) -> int:
         ignore=args.ignore, data=args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         batch_size=args.batch_size, damp=args.damp, blocksize=args.blocksize, allocation=args.allocation,
         owl_lambda=args.owl_lambda, owl_m=args.owl_m, refine=args.refine, dsnot_cycles=args.dsnot_cycles,
-        dsnot_threshold=args.dsnot_threshold,
+        dsnot_threshold=args.dsnot_threshold, dense_targets=args.dense_targets,
     )
     out = check_output(args.out, args.force)
     device = resolve_device(args.device)

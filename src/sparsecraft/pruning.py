@@ -26,7 +26,8 @@ class LayerResult:
     pruned: int  # weights the method removed (exact by construction)
     zeros: int  # zeros in the final weight (pruned + any the weight already had in kept places)
     seconds: float
-    error: float | None = None  # relative output error ||(W - What) X|| / ||W X|| on calibration inputs
+    error: float | None = None  # relative output error ||(W' - What) X|| / ||W' X|| on calibration inputs, where
+    # W' is the weight aimed at: W itself, or with dense_targets the dense-output-matching W' of InputStats
 
     @property
     def sparsity(self) -> float:
@@ -79,12 +80,12 @@ def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Reci
     """Prune `model` in place following `recipe`; `calibration` is a [nsamples, seqlen] LongTensor of
     token ids (unused when nothing in the recipe needs data)."""
     method = get_method(recipe.method)
-    refiner = get_refiner(recipe.refine)
+    refiners = [get_refiner(name) for name in recipe.refine]
     pattern = recipe.parsed_pattern
     dev = resolve_device(device)
     targets = select_targets(model, recipe.targets, recipe.ignore)
     check_targets(targets, recipe)
-    needs_hessian = "hessian" in (method.needs, refiner.needs if refiner else None)
+    needs_hessian = recipe.dense_targets or "hessian" in (method.needs, *(r.needs for r in refiners))
     needs_data = recipe.needs_data
     report = PruneReport(recipe.to_dict())
     start = time.perf_counter()
@@ -104,9 +105,11 @@ def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Reci
         def prune_layer(target: Target, stats: InputStats | None) -> None:
             t0 = time.perf_counter()
             dense = weight_matrix(target.module).detach().to(dev, torch.float32)
+            if stats is not None and stats.has_cross:
+                dense = stats.dense_target(dense, recipe.damp)
             sparsity = sparsities[target.name]
             new, keep = method.prune(dense, stats, sparsity, pattern, recipe)
-            if refiner is not None:
+            for refiner in refiners:
                 new, keep = refiner.refine(dense, new, keep, stats, sparsity, pattern, recipe)
             error = relative_error(dense, new, stats.hessian) if stats is not None and needs_hessian else None
             set_weight_matrix(target.module, new)
@@ -127,9 +130,10 @@ def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Reci
                     prune_layer(target, stats.pop(target.name))
 
             def factory(target: Target) -> InputStats:
-                return InputStats(columns(target), dev, hessian=needs_hessian)
+                return InputStats(columns(target), dev, hessian=needs_hessian, cross=recipe.dense_targets)
 
-            run_sequential(model, blocks, batches, targets, factory, on_block, dev, progress)
+            run_sequential(model, blocks, batches, targets, factory, on_block, dev, progress,
+                           dense_stream=recipe.dense_targets)
     order = {t.name: i for i, t in enumerate(targets)}
     report.layers.sort(key=lambda r: order[r.name])
     report.seconds = time.perf_counter() - start

@@ -36,7 +36,8 @@ class Recipe:
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     overrides: dict[str, float] = field(default_factory=dict)  # {layer-name regex: sparsity}
-    refine: str = "none"  # none | dsnot
+    refine: list[str] = field(default_factory=list)  # refinements in order: dsnot, refit
+    dense_targets: bool = False  # reconstruct towards the dense model's outputs (needs a second stream)
     dsnot_cycles: int = 50
     dsnot_threshold: float = 0.1
 
@@ -56,7 +57,8 @@ class Recipe:
         """Whether any step (method, refinement, allocation) needs calibration data."""
         from .registry import get_method
 
-        return get_method(self.method).needs_data or self.refine != "none" or self.allocation != "uniform"
+        return (get_method(self.method).needs_data or bool(self.refine) or self.allocation != "uniform"
+                or self.dense_targets)
 
     def validate(self) -> None:
         from .allocation import ALLOCATIONS
@@ -64,9 +66,14 @@ class Recipe:
         from .registry import get_method, get_refiner
 
         get_method(self.method)
-        get_refiner(self.refine)
-        if self.refine is None:
-            self.refine = "none"
+        if self.refine in (None, "none", ""):
+            self.refine = []
+        elif isinstance(self.refine, str):
+            self.refine = [r.strip() for r in self.refine.split(",") if r.strip() not in ("", "none")]
+        self.refine = list(self.refine)
+        for name in self.refine:
+            get_refiner(name)
+        self.dense_targets = bool(self.dense_targets)
         pattern = Pattern.parse(self.pattern)
         self.pattern = str(pattern)
         if self.sparsity is None and not pattern.is_nm:

@@ -73,15 +73,12 @@ def register_refiner(name: str, needs: str, summary: str) -> Callable[[RefineFn]
     return wrap
 
 
-def get_refiner(name: str | None) -> Refiner | None:
-    """The refiner called `name`; None for 'none' or None."""
-    if name in (None, "none"):
-        return None
+def get_refiner(name: str) -> Refiner:
     _load_builtin_methods()
     try:
         return REFINERS[name]
     except KeyError:
-        raise ConfigError(f"unknown refinement {name!r}: choose none or one of {', '.join(sorted(REFINERS))}") from None
+        raise ConfigError(f"unknown refinement {name!r}: choose from {', '.join(sorted(REFINERS))}") from None
 
 
 def get_method(name: str) -> Method:
@@ -99,5 +96,5 @@ def method_names() -> list[str]:
 
 def _load_builtin_methods() -> None:
     from .criteria import magnitude, wanda  # noqa: F401
-    from .refine import dsnot  # noqa: F401
+    from .refine import dsnot, refit  # noqa: F401
     from .solvers import sparsegpt  # noqa: F401

@@ -1,0 +1,64 @@
+"""Shared by the benchmarks: run one pruning configuration in a fresh subprocess (so peak RSS is its own)
+and print tables. A spec is a dict of Recipe fields plus model/data/eval settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER = Path(__file__).resolve()
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    import sparsecraft
+    from sparsecraft.api import calibration_ids, make_recipe, peak_rss_mb
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    model, tokenizer = sparsecraft.load_model(spec["model"])
+    splits = sparsecraft.load_text(spec["data"])
+    row = {"name": spec["name"], "load_s": time.perf_counter() - t0}
+    recipe_fields = spec.get("recipe")
+    if recipe_fields:
+        recipe = make_recipe(data=spec["data"], **recipe_fields)
+        ids = calibration_ids(splits, tokenizer, recipe) if recipe.needs_data else None
+        _, report = sparsecraft.prune(model, ids, recipe, progress=False)
+        row["prune_s"] = report.seconds
+        row["recipe"] = recipe.to_dict()
+        row["layer_sparsity"] = {r.name: r.target_sparsity for r in report.layers}
+    result = sparsecraft.evaluate(model, splits, tokenizer=tokenizer, seqlen=spec["eval_seqlen"],
+                                  max_windows=spec.get("max_eval_windows"), progress=False)
+    row.update(perplexity=result["perplexity"], sparsity=result["sparsity"], eval_tokens=result["tokens"],
+               peak_rss_mb=peak_rss_mb())
+    return row
+
+
+def run_isolated(spec: dict) -> dict:
+    """Run `worker(spec)` in a new Python process and return its result row."""
+    print(f"running {spec['name']} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], check=False, capture_output=True,
+                          text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"{spec['name']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def print_table(headers: list[str], rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
+        print("\n".join("| " + " | ".join(r) + " |" for r in rows))
+    else:
+        from sparsecraft.report import format_table
+
+        print(format_table(headers, rows))
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(worker(json.loads(sys.argv[1]))))
