@@ -1,0 +1,85 @@
+"""Quality beyond the reference pruners on the default model, every row measured in one run on the held-out split.
+
+For each sparsity setting: Wanda and SparseGPT with uniform allocation (the baselines), then SparseGPT with one
+ingredient at a time — OWL allocation, DSnoT mask refinement, dense-target reconstruction, least-squares refit —
+and the combination of all that apply. Same calibration windows and evaluation windows for every row; each row
+in its own process. Prints perplexity, the change against plain SparseGPT, prune seconds and peak RSS.
+
+    python bench/quality.py                                  # 50/60/70% unstructured, 2:4, 4:8 (long: ~4 min a row)
+    python bench/quality.py --settings 0.7,2:4 --markdown    # the acceptance settings only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from common import print_table, run_isolated
+
+INGREDIENTS = {  # name -> recipe fields added to the SparseGPT baseline
+    "sparsegpt": {},
+    "+ owl": {"allocation": "owl"},
+    "+ dsnot": {"refine": ["dsnot"]},
+    "+ dense targets": {"dense_targets": True},
+    "+ refit": {"refine": ["refit"]},
+    "all": {"allocation": "owl", "dense_targets": True, "refine": ["dsnot", "refit"]},
+}
+
+
+def setting_fields(setting: str) -> dict:
+    return {"pattern": setting} if ":" in setting else {"pattern": "unstructured", "sparsity": float(setting)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--data", default="builtin")
+    ap.add_argument("--settings", default="0.5,0.6,0.7,2:4,4:8", help="sparsities and/or N:M patterns")
+    ap.add_argument("--rows", default=",".join(["wanda", *INGREDIENTS]), help="which rows to run")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-eval-windows", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    base = {"model": args.model, "data": args.data, "eval_seqlen": args.seqlen,
+            "max_eval_windows": args.max_eval_windows}
+    calib = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+    wanted = args.rows.split(",")
+    results = [run_isolated({**base, "name": "dense", "recipe": None})]
+    dense = results[0]["perplexity"]
+    table = [["dense", "-", f"{results[0]['sparsity']:.2%}", f"{dense:.2f}", "-", "-", "-",
+              f"{results[0]['peak_rss_mb']:.0f}"]]
+    for setting in args.settings.split(","):
+        fields = {**calib, **setting_fields(setting)}
+        rows = {"wanda": {**fields, "method": "wanda"}}
+        for name, extra in INGREDIENTS.items():
+            if ":" in setting and extra.get("allocation") == "owl":
+                extra = {k: v for k, v in extra.items() if k != "allocation"}  # N:M fixes every layer's sparsity
+                if not extra:
+                    continue
+            rows[name] = {**fields, "method": "sparsegpt", **extra}
+        baseline = None
+        for name, recipe in rows.items():
+            if name not in wanted:
+                continue
+            r = run_isolated({**base, "name": f"{setting} {name}", "recipe": recipe})
+            r["setting"], r["row"] = setting, name
+            results.append(r)
+            if name == "sparsegpt":
+                baseline = r["perplexity"]
+            change = f"{(r['perplexity'] / baseline - 1):+.1%}" if baseline and name != "sparsegpt" else "-"
+            table.append([name, setting, f"{r['sparsity']:.2%}", f"{r['perplexity']:.2f}",
+                          f"{r['perplexity'] / dense:.2f}", change, f"{r['prune_s']:.0f}", f"{r['peak_rss_mb']:.0f}"])
+    print_table(["recipe", "setting", "sparsity", "held-out ppl", "x dense", "vs sparsegpt", "prune s",
+                 "peak RSS MiB"], table, args.markdown)
+    print(f"model={args.model} data={args.data} calibration={args.nsamples}x{args.seqlen} seed={args.seed}, "
+          f"eval={results[0]['eval_tokens']} held-out tokens")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
