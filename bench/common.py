@@ -50,6 +50,35 @@ def run_isolated(spec: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def add_common_args(ap) -> None:
+    """Model, data, calibration and output flags every benchmark takes."""
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--data", default="builtin")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-eval-windows", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", action="store_true")
+
+
+def base_spec(args) -> tuple[dict, dict]:
+    """(evaluation settings, calibration recipe fields) from the common flags."""
+    base = {"model": args.model, "data": args.data, "eval_seqlen": args.seqlen,
+            "max_eval_windows": args.max_eval_windows}
+    return base, {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+
+
+def finish(args, headers: list[str], table: list[list[str]], results: list[dict]) -> None:
+    """Print the table and the run's settings; write the raw rows as JSON with --json."""
+    print_table(headers, table, args.markdown)
+    print(f"model={args.model} data={args.data} calibration={args.nsamples}x{args.seqlen} tokens seed={args.seed}, "
+          f"eval={results[0]['eval_tokens']} held-out tokens in windows of {args.seqlen}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
 def print_table(headers: list[str], rows: list[list[str]], markdown: bool) -> None:
     if markdown:
         print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))

@@ -10,9 +10,8 @@ same held-out evaluation windows. Prints a table (markdown with --markdown) and 
 from __future__ import annotations
 
 import argparse
-import json
 
-from common import print_table, run_isolated
+from common import add_common_args, base_spec, finish, run_isolated
 
 CONFIGS = [("magnitude", "unstructured", 0.5), ("wanda", "unstructured", 0.5), ("sparsegpt", "unstructured", 0.5),
            ("magnitude", "2:4", None), ("wanda", "2:4", None), ("sparsegpt", "2:4", None),
@@ -21,20 +20,11 @@ CONFIGS = [("magnitude", "unstructured", 0.5), ("wanda", "unstructured", 0.5), (
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--data", default="builtin")
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-eval-windows", type=int, default=None)
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     ap.add_argument("--patterns", default="unstructured,2:4,4:8")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--markdown", action="store_true")
+    add_common_args(ap)
     args = ap.parse_args()
-    base = {"model": args.model, "data": args.data, "eval_seqlen": args.seqlen,
-            "max_eval_windows": args.max_eval_windows}
-    calib = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+    base, calib = base_spec(args)
     methods, patterns = args.methods.split(","), args.patterns.split(",")
     specs = [{**base, "name": "dense", "recipe": None}]
     specs += [{**base, "name": f"{m} {p}", "recipe": {**calib, "method": m, "pattern": p, "sparsity": s}}
@@ -45,12 +35,7 @@ def main() -> None:
     table = [[(r.get("recipe") or {}).get("method", "dense"), (r.get("recipe") or {}).get("pattern", "-"),
               f"{r['sparsity']:.2%}", f"{r['perplexity']:.2f}", f"{r['perplexity'] / dense:.2f}",
               f"{r['prune_s']:.1f}" if "prune_s" in r else "-", f"{r['peak_rss_mb']:.0f}"] for r in rows]
-    print_table(headers, table, args.markdown)
-    print(f"model={args.model} data={args.data} calibration={args.nsamples}x{args.seqlen} tokens seed={args.seed}, "
-          f"eval={rows[0]['eval_tokens']} held-out tokens in windows of {args.seqlen}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    finish(args, headers, table, rows)
 
 
 if __name__ == "__main__":

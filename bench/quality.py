@@ -12,9 +12,8 @@ in its own process. Prints perplexity, the change against plain SparseGPT, prune
 from __future__ import annotations
 
 import argparse
-import json
 
-from common import print_table, run_isolated
+from common import add_common_args, base_spec, finish, run_isolated
 
 INGREDIENTS = {  # name -> recipe fields added to the SparseGPT baseline
     "sparsegpt": {},
@@ -32,20 +31,11 @@ def setting_fields(setting: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--data", default="builtin")
     ap.add_argument("--settings", default="0.5,0.6,0.7,2:4,4:8", help="sparsities and/or N:M patterns")
     ap.add_argument("--rows", default=",".join(["wanda", *INGREDIENTS]), help="which rows to run")
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-eval-windows", type=int, default=None)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--markdown", action="store_true")
+    add_common_args(ap)
     args = ap.parse_args()
-    base = {"model": args.model, "data": args.data, "eval_seqlen": args.seqlen,
-            "max_eval_windows": args.max_eval_windows}
-    calib = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+    base, calib = base_spec(args)
     wanted = args.rows.split(",")
     results = [run_isolated({**base, "name": "dense", "recipe": None})]
     dense = results[0]["perplexity"]
@@ -72,13 +62,8 @@ def main() -> None:
             change = f"{(r['perplexity'] / baseline - 1):+.1%}" if baseline and name != "sparsegpt" else "-"
             table.append([name, setting, f"{r['sparsity']:.2%}", f"{r['perplexity']:.2f}",
                           f"{r['perplexity'] / dense:.2f}", change, f"{r['prune_s']:.0f}", f"{r['peak_rss_mb']:.0f}"])
-    print_table(["recipe", "setting", "sparsity", "held-out ppl", "x dense", "vs sparsegpt", "prune s",
-                 "peak RSS MiB"], table, args.markdown)
-    print(f"model={args.model} data={args.data} calibration={args.nsamples}x{args.seqlen} seed={args.seed}, "
-          f"eval={results[0]['eval_tokens']} held-out tokens")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    finish(args, ["recipe", "setting", "sparsity", "held-out ppl", "x dense", "vs sparsegpt", "prune s",
+                  "peak RSS MiB"], table, results)
 
 
 if __name__ == "__main__":
