@@ -17,7 +17,7 @@ from sparsecraft.registry import get_method, method_names
 from sparsecraft.solvers.sparsegpt import sparsegpt_prune
 from sparsecraft.stats import InputStats
 
-METHODS = ["magnitude", "wanda", "sparsegpt"]
+METHODS = ["magnitude", "wanda", "ria", "sparsegpt"]
 PATTERNS = [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", None), ("4:8", None)]
 PATTERN_IDS = ["u50", "u70", "2:4", "4:8"]
 
@@ -72,10 +72,10 @@ def check_layer(method: str, w: torch.Tensor, orig: torch.Tensor, sparsity: floa
     if pattern.is_nm:
         check_nm(w, pattern, name)
         expected = rows * cols * (pattern.m - pattern.n) // pattern.m
-    elif method == "magnitude":
+    elif method in ("magnitude", "ria"):  # compared across the whole layer
         expected = floor_count(w.numel(), sparsity)
         assert int(zero.sum()) == expected, name
-        if expected > 0:  # the smallest |W| of the whole layer were removed
+        if expected > 0 and method == "magnitude":  # the smallest |W| of the whole layer were removed
             assert orig.abs()[zero].max() <= orig.abs()[~zero].min()
     elif method == "wanda":
         expected = rows * floor_count(cols, sparsity)
@@ -87,7 +87,7 @@ def check_layer(method: str, w: torch.Tensor, orig: torch.Tensor, sparsity: floa
             want = floor_count(rows * (i2 - i1), sparsity)
             assert int(zero[:, i1:i2].sum()) == want, f"{name}: column block {i1}:{i2}"
             expected += want
-    if method in ("magnitude", "wanda"):  # criteria only mask: kept weights keep their values
+    if method in ("magnitude", "wanda", "ria"):  # criteria only mask: kept weights keep their values
         assert torch.equal(w[~zero], orig[~zero]), name
     elif expected:  # SparseGPT updates the kept weights to compensate
         assert not torch.equal(w[~zero], orig[~zero]), name
@@ -151,7 +151,7 @@ def test_sparsegpt_blocksize_must_fit_nm(tiny_llama, calib_ids):
 def test_method_registry():
     assert method_names() == sorted(METHODS)
     assert get_method("magnitude").needs == "weights" and not get_method("magnitude").needs_data
-    assert get_method("wanda").needs == "norms"
+    assert get_method("wanda").needs == "norms" and get_method("ria").needs == "norms"
     assert get_method("sparsegpt").needs == "hessian"
 
 

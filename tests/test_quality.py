@@ -269,3 +269,14 @@ def test_dense_stream_statistics_match_a_manual_two_stream_run(tiny_llama, calib
     for stats in seen.values():
         assert stats.has_cross
         torch.testing.assert_close(stats.dtx, stats.xtx)
+
+
+def test_ria_scores_match_the_paper_formula():
+    from sparsecraft.criteria.ria import ria_scores
+
+    w = torch.tensor([[1.0, -2.0], [3.0, 4.0]])
+    stats = InputStats(2, torch.device("cpu"))
+    stats.add_batch(torch.tensor([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0]]))  # ||x|| = (2, 4)
+    col = torch.tensor([[1 / 4, 2 / 6], [3 / 4, 4 / 6]])
+    row = torch.tensor([[1 / 3, 2 / 3], [3 / 7, 4 / 7]])
+    torch.testing.assert_close(ria_scores(w, stats), (col + row) * torch.tensor([2.0, 4.0]) ** 0.5)

@@ -95,6 +95,6 @@ def method_names() -> list[str]:
 
 
 def _load_builtin_methods() -> None:
-    from .criteria import magnitude, wanda  # noqa: F401
+    from .criteria import magnitude, ria, wanda  # noqa: F401
     from .refine import dsnot, refit  # noqa: F401
     from .solvers import sparsegpt  # noqa: F401
