@@ -126,10 +126,13 @@ class Recipe:
             raise ConfigError(f"unknown recipe keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
 
-    def to_yaml(self, path: str | Path) -> None:
+    def to_yaml_text(self) -> str:
         import yaml
 
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml_text())
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
