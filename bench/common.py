@@ -27,9 +27,22 @@ def worker(spec: dict) -> dict:
     recipe_fields = spec.get("recipe")
     if recipe_fields:
         recipe = make_recipe(data=spec["data"], **recipe_fields)
-        ids = calibration_ids(splits, tokenizer, recipe) if recipe.needs_data else None
+        ids = calibration_ids(splits, tokenizer, recipe) if recipe.needs_data or spec.get("search") else None
+        if spec.get("search"):
+            from sparsecraft.data import calibration_batch, tokenize
+            from sparsecraft.models import find_blocks
+            from sparsecraft.search import parse_budget, search_levels, searched_recipe
+
+            windows = calibration_batch(tokenize(tokenizer, splits.calibration), spec["search"]["fitness_samples"],
+                                        recipe.seqlen, recipe.seed + 1)
+            result = search_levels(model, ids, windows, recipe, parse_budget(spec["search"]["budget"]),
+                                   progress=False)
+            recipe = searched_recipe(recipe, result, find_blocks(model)[0])
+            row["search_s"] = result.seconds
+            row["search"] = {"generations": result.generations, "kl": result.fitness,
+                             "uniform_kl": result.uniform_fitness}
         _, report = sparsecraft.prune(model, ids, recipe, progress=False)
-        row["prune_s"] = report.seconds
+        row["prune_s"] = report.seconds + row.get("search_s", 0.0)
         row["recipe"] = recipe.to_dict()
         row["layer_sparsity"] = {r.name: r.target_sparsity for r in report.layers}
     result = sparsecraft.evaluate(model, splits, tokenizer=tokenizer, seqlen=spec["eval_seqlen"],

@@ -1,11 +1,12 @@
 """Quality beyond the reference pruners on the default model, every row measured in one run on the held-out split.
 
 For each sparsity setting: Wanda and SparseGPT with uniform allocation (the baselines), then SparseGPT with one
-ingredient at a time — OWL allocation, DSnoT mask refinement, dense-target reconstruction, least-squares refit —
-and the combination of all that apply. Same calibration windows and evaluation windows for every row; each row
-in its own process. Prints perplexity, the change against plain SparseGPT, prune seconds and peak RSS.
+ingredient at a time (OWL allocation, DSnoT mask refinement, dense-target reconstruction, least-squares refit,
+evolutionary per-block search) and the combinations. Same calibration and evaluation windows for every row; each
+row in its own process. Prints perplexity, the change against plain SparseGPT, prune seconds (search included)
+and peak RSS.
 
-    python bench/quality.py                                  # 50/60/70% unstructured, 2:4, 4:8 (long: ~4 min a row)
+    python bench/quality.py                                  # 50/60/70% unstructured, 2:4, 4:8 (hours)
     python bench/quality.py --settings 0.7,2:4 --markdown    # the acceptance settings only
 """
 
@@ -22,6 +23,8 @@ INGREDIENTS = {  # name -> recipe fields added to the SparseGPT baseline
     "+ dense targets": {"dense_targets": True},
     "+ refit": {"refine": ["refit"]},
     "all": {"allocation": "owl", "dense_targets": True, "refine": ["dsnot", "refit"]},
+    "+ search": {"search": True},
+    "all + search": {"search": True, "dense_targets": True, "refine": ["dsnot", "refit"]},
 }
 
 
@@ -33,6 +36,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="0.5,0.6,0.7,2:4,4:8", help="sparsities and/or N:M patterns")
     ap.add_argument("--rows", default=",".join(["wanda", *INGREDIENTS]), help="which rows to run")
+    ap.add_argument("--search-budget", default="20m", help="time budget of each search row")
+    ap.add_argument("--fitness-samples", type=int, default=4, help="windows scoring each search candidate")
     add_common_args(ap)
     args = ap.parse_args()
     base, calib = base_spec(args)
@@ -45,16 +50,18 @@ def main() -> None:
         fields = {**calib, **setting_fields(setting)}
         rows = {"wanda": {**fields, "method": "wanda"}}
         for name, extra in INGREDIENTS.items():
-            if ":" in setting and extra.get("allocation") == "owl":
-                extra = {k: v for k, v in extra.items() if k != "allocation"}  # N:M fixes every layer's sparsity
-                if not extra:
-                    continue
+            if ":" in setting and (extra.get("allocation") == "owl" or extra.get("search")):
+                continue  # N:M fixes every layer's sparsity: nothing to allocate
             rows[name] = {**fields, "method": "sparsegpt", **extra}
         baseline = None
         for name, recipe in rows.items():
             if name not in wanted:
                 continue
-            r = run_isolated({**base, "name": f"{setting} {name}", "recipe": recipe})
+            search = recipe.pop("search", None)
+            spec = {**base, "name": f"{setting} {name}", "recipe": recipe}
+            if search:
+                spec["search"] = {"budget": args.search_budget, "fitness_samples": args.fitness_samples}
+            r = run_isolated(spec)
             r["setting"], r["row"] = setting, name
             results.append(r)
             if name == "sparsegpt":
