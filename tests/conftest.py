@@ -53,6 +53,15 @@ def build_model(arch: str, seed: int = SEED):
     return cls(config()).eval()
 
 
+def correlated_inputs(tokens: int = 2048, features: int = 64, seed: int = 0, rank: int = 16) -> torch.Tensor:
+    """Token features that are noisy linear mixtures of `rank` latent factors (like real activations, the
+    features are strongly correlated, so kept weights can compensate for pruned ones)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(tokens, rank, generator=g)
+    a = torch.randn(rank, features, generator=g)
+    return z @ a + 0.1 * torch.randn(tokens, features, generator=g)
+
+
 def floor_count(total: int, sparsity: float) -> int:
     """floor(total * sparsity), computed exactly on the decimal value of `sparsity`."""
     return int(Fraction(str(sparsity)) * total)

@@ -8,16 +8,16 @@ import torch
 from torch import nn
 
 import sparsecraft
-from conftest import build_model, floor_count
+from conftest import build_model, correlated_inputs, floor_count
 from sparsecraft.errors import ConfigError, ModelError, SparsecraftError
 from sparsecraft.models import find_blocks, weight_matrix
 from sparsecraft.patterns import Pattern
 from sparsecraft.recipe import Recipe
 from sparsecraft.registry import get_method, method_names
 from sparsecraft.solvers.sparsegpt import sparsegpt_prune
-from sparsecraft.stats import ColumnNorms, Hessian
+from sparsecraft.stats import InputStats
 
-METHODS = ["magnitude", "wanda", "sparsegpt"]
+METHODS = ["magnitude", "wanda", "ria", "sparsegpt"]
 PATTERNS = [("unstructured", 0.5), ("unstructured", 0.7), ("2:4", None), ("4:8", None)]
 PATTERN_IDS = ["u50", "u70", "2:4", "4:8"]
 
@@ -72,10 +72,10 @@ def check_layer(method: str, w: torch.Tensor, orig: torch.Tensor, sparsity: floa
     if pattern.is_nm:
         check_nm(w, pattern, name)
         expected = rows * cols * (pattern.m - pattern.n) // pattern.m
-    elif method == "magnitude":
+    elif method in ("magnitude", "ria"):  # compared across the whole layer
         expected = floor_count(w.numel(), sparsity)
         assert int(zero.sum()) == expected, name
-        if expected > 0:  # the smallest |W| of the whole layer were removed
+        if expected > 0 and method == "magnitude":  # the smallest |W| of the whole layer were removed
             assert orig.abs()[zero].max() <= orig.abs()[~zero].min()
     elif method == "wanda":
         expected = rows * floor_count(cols, sparsity)
@@ -87,7 +87,7 @@ def check_layer(method: str, w: torch.Tensor, orig: torch.Tensor, sparsity: floa
             want = floor_count(rows * (i2 - i1), sparsity)
             assert int(zero[:, i1:i2].sum()) == want, f"{name}: column block {i1}:{i2}"
             expected += want
-    if method in ("magnitude", "wanda"):  # criteria only mask: kept weights keep their values
+    if method in ("magnitude", "wanda", "ria"):  # criteria only mask: kept weights keep their values
         assert torch.equal(w[~zero], orig[~zero]), name
     elif expected:  # SparseGPT updates the kept weights to compensate
         assert not torch.equal(w[~zero], orig[~zero]), name
@@ -150,9 +150,9 @@ def test_sparsegpt_blocksize_must_fit_nm(tiny_llama, calib_ids):
 
 def test_method_registry():
     assert method_names() == sorted(METHODS)
-    assert get_method("magnitude").statistics is None
-    assert get_method("wanda").statistics is ColumnNorms
-    assert get_method("sparsegpt").statistics is Hessian
+    assert get_method("magnitude").needs == "weights" and not get_method("magnitude").needs_data
+    assert get_method("wanda").needs == "norms" and get_method("ria").needs == "norms"
+    assert get_method("sparsegpt").needs == "hessian"
 
 
 # --- target selection ------------------------------------------------------------------------------------------
@@ -269,24 +269,19 @@ def test_sparsity_zero_changes_nothing(arch, tiny_model, calib_ids, method):
 
 # --- statistics and reconstruction ------------------------------------------------------------------------------
 
-def correlated_inputs(tokens: int = 2048, features: int = 64, seed: int = 0, rank: int = 16) -> torch.Tensor:
-    """Token features that are noisy linear mixtures of `rank` latent factors (like real activations, the
-    features are strongly correlated, so kept weights can compensate for pruned ones)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(tokens, rank, generator=g)
-    a = torch.randn(rank, features, generator=g)
-    return z @ a + 0.1 * torch.randn(tokens, features, generator=g)
-
-
 def test_statistics_collectors():
     x = correlated_inputs(300, 16)
-    h, c = Hessian(16, torch.device("cpu")), ColumnNorms(16, torch.device("cpu"))
+    h, c = InputStats(16, torch.device("cpu"), hessian=True), InputStats(16, torch.device("cpu"))
     for chunk in x.reshape(3, 100, 16):  # batched input [batch, tokens, features] is flattened
         h.add_batch(chunk.reshape(2, 50, 16))
         c.add_batch(chunk.reshape(2, 50, 16))
     assert h.tokens == c.tokens == 300
-    torch.testing.assert_close(h.matrix, 2 * x.T @ x / 300, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(h.hessian, 2 * x.T @ x / 300, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(c.norms, x.norm(dim=0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c.mean, x.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c.var, x.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError):
+        _ = c.hessian
 
 
 @pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.5), ("2:4", None), ("4:8", None),
@@ -300,12 +295,10 @@ def test_sparsegpt_reconstructs_better(pattern, sparsity):
     s = p.nm_sparsity if p.is_nm else sparsity
     recipe = Recipe(method="sparsegpt", sparsity=sparsity, pattern=pattern)
 
-    hessian = Hessian(64, torch.device("cpu"))
-    norms = ColumnNorms(64, torch.device("cpu"))
+    hessian = norms = InputStats(64, torch.device("cpu"), hessian=True)
     for chunk in x.split(256):
         hessian.add_batch(chunk)
-        norms.add_batch(chunk)
-    w_sgpt, keep_sgpt = sparsegpt_prune(w, hessian.matrix, s, p, blocksize=128, damp=0.01)
+    w_sgpt, keep_sgpt = sparsegpt_prune(w, hessian.hessian, s, p, blocksize=128, damp=0.01)
     w_mag, keep_mag = get_method("magnitude").prune(w.clone(), None, s, p, recipe)
     w_wanda, keep_wanda = get_method("wanda").prune(w.clone(), norms, s, p, recipe)
 
@@ -378,13 +371,13 @@ def reference_fasterprune(W, H, sparsity, prunen=0, prunem=0, blocksize=128, per
 def test_sparsegpt_matches_reference(pattern, sparsity, blocksize):
     x = correlated_inputs(512, 64, seed=1)
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(2))
-    hessian = Hessian(64, torch.device("cpu"))
+    hessian = InputStats(64, torch.device("cpu"), hessian=True)
     hessian.add_batch(x)
     p = Pattern.parse(pattern)
     s = p.nm_sparsity if p.is_nm else sparsity
-    ours, keep = sparsegpt_prune(w, hessian.matrix, s, p, blocksize=blocksize, damp=0.01)
+    ours, keep = sparsegpt_prune(w, hessian.hessian, s, p, blocksize=blocksize, damp=0.01)
     prunen, prunem = (p.m - p.n, p.m) if p.is_nm else (0, 0)
-    ref = reference_fasterprune(w, hessian.matrix, s, prunen, prunem, blocksize=blocksize)
+    ref = reference_fasterprune(w, hessian.hessian, s, prunen, prunem, blocksize=blocksize)
     assert torch.equal(ours == 0, ref == 0)  # same masks (the scores are distinct, so no ties)
     torch.testing.assert_close(ours, ref, rtol=1e-3, atol=1e-4)
 

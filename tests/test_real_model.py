@@ -82,3 +82,29 @@ def test_wanda_prune_real_model(smollm, dense_perplexity):
     assert math.isfinite(ppl)
     assert dense_perplexity < ppl < 10 * dense_perplexity
     assert sparse["sparsity"] == pytest.approx(report.sparsity)
+
+
+def test_quality_recipe_beats_plain_sparsegpt_real_model(smollm):
+    """On the first four blocks of the real model at 70%: OWL keeps the overall sparsity exact and
+    OWL + dense targets + DSnoT + refit ends with lower held-out perplexity than plain SparseGPT."""
+    import copy
+
+    model, tokenizer = smollm
+    first4 = [r"model\.layers\.[0-3]\."]
+    results = {}
+    for name, extra in {"plain": {}, "all": {"allocation": "owl", "dense_targets": True,
+                                             "refine": ["dsnot", "refit"]}}.items():
+        pruned = copy.deepcopy(model)
+        _, report = sparsecraft.prune(pruned, "builtin", tokenizer=tokenizer, method="sparsegpt", sparsity=0.7,
+                                      targets=first4, nsamples=8, seqlen=SEQLEN, progress=False, **extra)
+        assert len(report.layers) == 28
+        sizes = {r.name: r.shape[0] * r.shape[1] for r in report.layers}
+        assert abs(sum(r.pruned for r in report.layers) / sum(sizes.values()) - 0.7) < 1e-3
+        weighted = sum(r.target_sparsity * sizes[r.name] for r in report.layers) / sum(sizes.values())
+        assert weighted == pytest.approx(0.7, abs=1e-9)
+        if name == "all":
+            assert len({r.target_sparsity for r in report.layers}) > 1  # OWL spread the sparsity
+        results[name] = sparsecraft.evaluate(pruned, "builtin", tokenizer=tokenizer, seqlen=SEQLEN, max_windows=4,
+                                             progress=False)["perplexity"]
+        del pruned
+    assert results["all"] < results["plain"]

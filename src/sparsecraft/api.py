@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .checkpoint import METADATA_FILE, read_metadata, save_model
+from .checkpoint import METADATA_FILE, RECIPE_FILE, read_metadata, save_model
 from .data import TextSplits, calibration_batch, evaluation_windows, load_text, tokenize
 from .errors import ConfigError, DataError
 from .evaluate import layer_sparsity, overall_sparsity, perplexity
@@ -64,10 +64,7 @@ def prune(model: nn.Module | str, calibration="builtin", recipe: Recipe | dict |
     if isinstance(model, (str, Path)):
         model, loaded_tok = load_model(model)
         tokenizer = tokenizer or loaded_tok
-    from .registry import get_method
-
-    needs_data = get_method(recipe.method).statistics is not None
-    ids = calibration_ids(calibration, tokenizer, recipe) if needs_data else None
+    ids = calibration_ids(calibration, tokenizer, recipe) if recipe.needs_data else None
     torch.manual_seed(recipe.seed)
     report = prune_model(model, ids, recipe, device=device, progress=progress)
     return model, report
@@ -98,14 +95,18 @@ def evaluate(model: nn.Module, data="builtin", *, tokenizer=None, seqlen: int = 
 
 
 def save(model: nn.Module, path: str | Path, *, tokenizer=None, report: PruneReport | None = None,
-         evaluation: dict | None = None, source: str | None = None, force: bool = False) -> Path:
-    """Write a `save_pretrained` directory (safetensors) plus sparsecraft.json, atomically."""
+         evaluation: dict | None = None, source: str | None = None, force: bool = False,
+         extra: dict | None = None) -> Path:
+    """Write a `save_pretrained` directory (safetensors) plus sparsecraft.json and, when a report is given,
+    recipe.yaml (the recipe that made it, for `prune --recipe`), atomically."""
     metadata = {"sparsecraft_version": __version__, "source_model": source}
     if report is not None:
         metadata.update(report.to_dict())
     if evaluation is not None:
         metadata["evaluation"] = evaluation
-    return save_model(model, path, tokenizer=tokenizer, metadata=metadata, force=force)
+    metadata.update(extra or {})
+    files = {RECIPE_FILE: Recipe.from_dict(report.recipe).to_yaml_text()} if report is not None else {}
+    return save_model(model, path, tokenizer=tokenizer, metadata=metadata, force=force, files=files)
 
 
 def load(path: str | Path, dtype: str | torch.dtype | None = None) -> nn.Module:

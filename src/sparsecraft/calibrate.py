@@ -95,21 +95,39 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 StatsFactory = Callable[[Target], object | None]
 
 
-def attach_statistics(targets: list[Target], factory: StatsFactory, device: torch.device):
-    """Create a collector per target and hook it to the target's inputs; returns (stats, handles)."""
-    stats: dict[str, object] = {}
-    handles = []
-    for target in targets:
-        collector = factory(target)
-        if collector is None:
-            continue
-        stats[target.name] = collector
+class _Recorder:
+    """Forward hooks on the targets of one block. In 'record' mode they keep each target's input (from the
+    dense stream); in 'collect' mode they feed the collectors, paired with the recorded dense input when
+    there is one (for cross-covariances)."""
 
-        def hook(module, args, output, collector=collector):
-            collector.add_batch(args[0].detach())
+    def __init__(self, targets: list[Target], factory: StatsFactory):
+        self.stats: dict[str, object] = {}
+        self.recorded: dict[str, torch.Tensor] = {}
+        self.mode = "collect"
+        self.handles = []
+        for target in targets:
+            collector = factory(target)
+            if collector is None:
+                continue
+            self.stats[target.name] = collector
+            self.handles.append(target.module.register_forward_hook(self._hook(target.name, collector)))
 
-        handles.append(target.module.register_forward_hook(hook))
-    return stats, handles
+    def _hook(self, name: str, collector):
+        def hook(module, args, output):
+            x = args[0].detach()
+            if self.mode == "record":
+                self.recorded[name] = x
+            elif name in self.recorded:
+                collector.add_batch(x, dense=self.recorded.pop(name))
+            else:
+                collector.add_batch(x)
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.recorded.clear()
 
 
 def columns(target: Target) -> int:
@@ -125,10 +143,18 @@ def run_sequential(
     on_block: Callable[[int, list[Target], dict[str, object]], None],
     device: torch.device,
     progress: bool = True,
+    modifies: bool = True,
+    desc: str = "calibrating blocks",
+    dense_stream: bool = False,
 ) -> None:
     """For each block: collect statistics of its targets on its inputs, call `on_block`, then feed the
     block's new outputs to the next block. Targets outside the blocks are handled last, from one
-    forward pass of the whole (already processed) model."""
+    forward pass of the whole (already processed) model. With `modifies=False` (`on_block` only reads),
+    statistics and outputs come from a single pass per block.
+
+    With `dense_stream`, the dense model's hidden states are carried alongside the pruned ones: each
+    block first runs (still dense) on the dense stream, and the collectors receive every target's input
+    from both streams, batch by batch (`add_batch(x, dense=x_dense)`)."""
     from tqdm.auto import tqdm
 
     by_block: dict[int, list[Target]] = {}
@@ -139,32 +165,46 @@ def run_sequential(
     last = max(by_block, default=-1)
     if last >= 0:
         inputs = capture_block_inputs(model, blocks[0], batches, device)
-        for index in tqdm(range(last + 1), desc="calibrating blocks", disable=not progress, unit="block"):
+        dense = BlockInputs(list(inputs.args), list(inputs.kwargs)) if dense_stream else None
+        for index in tqdm(range(last + 1), desc=desc, disable=not progress, unit="block"):
             block = blocks[index]
             home = model_device(block)
             block.to(device)
             block_targets = by_block.get(index, [])
-            stats, handles = attach_statistics(block_targets, factory, device)
+            recorder = _Recorder(block_targets, factory)
+            outputs, dense_outputs = (None if modifies else []), []
             try:
-                if stats:
-                    run_block(block, inputs)
+                with torch.no_grad():
+                    for i, (a, k) in enumerate(zip(inputs.args, inputs.kwargs)):
+                        if dense is not None:
+                            recorder.mode = "record"
+                            dense_outputs.append(block_output(block(*dense.args[i], **dense.kwargs[i])))
+                            recorder.mode = "collect"
+                        if recorder.stats:
+                            out = block_output(block(*a, **k))
+                            if not modifies:
+                                outputs.append(out)
+                            del out
             finally:
-                for h in handles:
-                    h.remove()
-            on_block(index, block_targets, stats)
+                recorder.remove()
+            on_block(index, block_targets, recorder.stats)
             if index < last:
-                inputs.replace_hidden(run_block(block, inputs))
+                if modifies or not outputs:
+                    outputs = run_block(block, inputs)
+                inputs.replace_hidden(outputs)
+                if dense is not None:
+                    dense.replace_hidden(dense_outputs)
+            del outputs, dense_outputs
             block.to(home)
-        del inputs
+        del inputs, dense
     if outside:
-        stats, handles = attach_statistics(outside, factory, device)
+        recorder = _Recorder(outside, factory)
         where = model_device(model)
         try:
             with torch.no_grad():
-                for ids in tqdm(batches, desc="calibrating outer layers", disable=not progress or not stats):
-                    if stats:
+                for ids in tqdm(batches, desc=f"{desc} (outer layers)", disable=not progress or not recorder.stats):
+                    if recorder.stats:
                         model(input_ids=ids.to(where), use_cache=False)
         finally:
-            for h in handles:
-                h.remove()
-        on_block(-1, outside, stats)
+            recorder.remove()
+        on_block(-1, outside, recorder.stats)

@@ -17,6 +17,7 @@ from torch import nn
 from .errors import ModelError, OutputError
 
 METADATA_FILE = "sparsecraft.json"
+RECIPE_FILE = "recipe.yaml"
 
 
 def check_output(path: str | Path, force: bool) -> Path:
@@ -63,8 +64,9 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
 
 
 def save_model(model: nn.Module, path: str | Path, tokenizer=None, metadata: dict | None = None,
-               force: bool = False) -> Path:
-    """Save `model` (safetensors), its tokenizer and `metadata` (as sparsecraft.json) atomically."""
+               force: bool = False, files: dict[str, str] | None = None) -> Path:
+    """Save `model` (safetensors), its tokenizer, `metadata` (as sparsecraft.json) and extra text `files`
+    atomically."""
     path = check_output(path, force)
 
     def write(tmp: Path) -> None:
@@ -72,6 +74,8 @@ def save_model(model: nn.Module, path: str | Path, tokenizer=None, metadata: dic
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / METADATA_FILE, metadata or {})
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
 
     atomic_directory(path, write)
     return path

@@ -18,13 +18,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
     from .registry import method_names
 
-    parser = argparse.ArgumentParser(prog="sparsecraft", description="Make LLMs sparse, small and fast.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("prune", help="one-shot prune a model with calibration data")
     p.add_argument("--model", default="default", help="HF model directory, .gguf file, or 'default' (SmolLM2-135M)")
     p.add_argument("--recipe", default=None, help="YAML recipe; flags given here override its values")
     p.add_argument("--method", default=None, help=f"one of: {', '.join(method_names())} (default wanda)")
@@ -38,12 +34,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="calibration windows per forward (default 8)")
     p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening, fraction of mean diag(H)")
     p.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block size (default 128)")
+    p.add_argument("--allocation", default=None, choices=["uniform", "owl"],
+                   help="per-layer sparsity: uniform (default) or owl (outlier-weighed, overall sparsity kept)")
+    p.add_argument("--owl-lambda", type=float, default=None, help="OWL spread: layer sparsity in s +- lambda (0.08)")
+    p.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold, x mean score (5)")
+    p.add_argument("--refine", default=None,
+                   help="refinements after the method, comma-separated, in order: dsnot (mask), refit (weights)")
+    p.add_argument("--dense-targets", action="store_true", default=None,
+                   help="reconstruct each layer towards the dense model's outputs (corrects earlier blocks' error)")
+    p.add_argument("--dsnot-cycles", type=int, default=None, help="DSnoT: at most this many swaps per row (50)")
+    p.add_argument("--dsnot-threshold", type=float, default=None, help="DSnoT: stop a row at |shift| <= this (0.1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", default=None, help="load the model in float32, bfloat16 or float16")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-eval", action="store_true", help="skip the dense and sparse perplexity evaluation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsecraft", description="Make LLMs sparse, small and fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="one-shot prune a model with calibration data")
+    _add_prune_args(p)
     _add_data_args(p)
+
+    s = sub.add_parser("search", help="search per-block sparsities (evolutionary, KL to the dense model), then prune")
+    _add_prune_args(s)
+    s.add_argument("--budget", default="20m", help="time for the search (database + evolution): 90s, 20m, 1h")
+    s.add_argument("--step", type=float, default=0.05, help="sparsity step between a block's levels (0.05)")
+    s.add_argument("--max-steps", type=int, default=3, help="levels on each side of the target (3)")
+    s.add_argument("--fitness-samples", type=int, default=4, help="calibration windows scoring each candidate (4)")
+    s.add_argument("--offspring", type=int, default=8, help="candidates per generation (8)")
+    _add_data_args(s)
 
     e = sub.add_parser("eval", help="perplexity and sparsity of a model")
     e.add_argument("model", help="model directory, .gguf file or 'default'")
@@ -55,18 +78,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_prune(args) -> int:
+def _recipe(args):
     from . import api
-    from .checkpoint import check_output
-    from .models import load_model, resolve_device
-    from .registry import get_method
-    from .report import format_table
 
-    recipe = api.make_recipe(
+    return api.make_recipe(
         args.recipe, method=args.method, sparsity=args.sparsity, pattern=args.pattern, targets=args.targets,
         ignore=args.ignore, data=args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-        batch_size=args.batch_size, damp=args.damp, blocksize=args.blocksize,
+        batch_size=args.batch_size, damp=args.damp, blocksize=args.blocksize, allocation=args.allocation,
+        owl_lambda=args.owl_lambda, owl_m=args.owl_m, refine=args.refine, dsnot_cycles=args.dsnot_cycles,
+        dsnot_threshold=args.dsnot_threshold, dense_targets=args.dense_targets,
     )
+
+
+def cmd_prune(args) -> int:
+    return _prune(args, _recipe(args))
+
+
+def cmd_search(args) -> int:
+    from .search import parse_budget
+
+    recipe = _recipe(args)
+    budget = parse_budget(args.budget)
+    if args.fitness_samples < 1 or args.offspring < 1 or args.max_steps < 1 or not 0 < args.step < 1:
+        from .errors import ConfigError
+
+        raise ConfigError("--fitness-samples, --offspring and --max-steps must be >= 1 and --step in (0, 1)")
+    return _prune(args, recipe, search_budget=budget)
+
+
+def _prune(args, recipe, search_budget: float | None = None) -> int:
+    """Load, (search,) prune, evaluate, save and print the table — shared by `prune` and `search`."""
+    from . import api
+    from .checkpoint import check_output
+    from .data import calibration_batch, tokenize
+    from .models import find_blocks, load_model, resolve_device
+    from .report import format_table
+
     out = check_output(args.out, args.force)
     device = resolve_device(args.device)
     progress = not args.quiet
@@ -74,8 +121,7 @@ def cmd_prune(args) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(device)
     splits = api.load_text(recipe.data)
-    needs_data = get_method(recipe.method).statistics is not None
-    ids = api.calibration_ids(splits, tokenizer, recipe) if needs_data else None
+    ids = api.calibration_ids(splits, tokenizer, recipe) if recipe.needs_data or search_budget else None
     load_s = time.perf_counter() - t0
 
     def evaluate() -> dict:
@@ -83,6 +129,23 @@ def cmd_prune(args) -> int:
                             batch_size=args.eval_batch_size, max_windows=args.max_eval_windows, progress=progress)
 
     dense = None if args.no_eval else evaluate()
+    extra: dict = {}
+    if search_budget is not None:
+        from .search import search_levels, searched_recipe
+
+        fitness_windows = calibration_batch(tokenize(tokenizer, splits.calibration), args.fitness_samples,
+                                            recipe.seqlen, recipe.seed + 1)
+        result = search_levels(model, ids, fitness_windows, recipe, search_budget, step=args.step,
+                               max_steps=args.max_steps, offspring=args.offspring, device=device, progress=progress)
+        recipe = searched_recipe(recipe, result, find_blocks(model)[0])
+        extra["search"] = {
+            "budget_s": search_budget, "seconds": result.seconds, "generations": result.generations,
+            "evaluations": result.evaluations, "kl": result.fitness, "uniform_kl": result.uniform_fitness,
+            "levels": {str(k): v for k, v in result.levels.items()}, "history": result.history,
+        }
+        print(f"search: {result.generations} generations, {result.evaluations} evaluations in {result.seconds:.0f}s "
+              f"(budget {search_budget:.0f}s); KL to dense {result.uniform_fitness:.4f} (uniform) -> "
+              f"{result.fitness:.4f}")
     _, report = api.prune(model, ids, recipe, device=device, progress=progress)
     sparse = None if args.no_eval else evaluate()
     evaluation = None
@@ -90,14 +153,14 @@ def cmd_prune(args) -> int:
         evaluation = {"data": recipe.data, "seqlen": recipe.seqlen, "windows": sparse["windows"],
                       "dense_perplexity": dense["perplexity"], "perplexity": sparse["perplexity"]}
     api.save(model, out, tokenizer=tokenizer, report=report, evaluation=evaluation, source=str(args.model),
-             force=args.force)
+             force=args.force, extra=extra)
     rows = []
     if dense is not None:
         rows.append(["dense", "-", f"{dense['sparsity']:.2%}", dense["perplexity"], "-"])
     rows.append([recipe.method, recipe.pattern, f"{report.sparsity:.2%}",
                  sparse["perplexity"] if sparse else None, f"{report.seconds:.1f}"])
     print(format_table(["model", "pattern", "sparsity", "perplexity", "prune s"], rows))
-    print(f"load {load_s:.1f}s, peak RSS {api.peak_rss_mb():.0f} MiB; saved to {out}")
+    print(f"load {load_s:.1f}s, peak RSS {api.peak_rss_mb():.0f} MiB; saved to {out} (recipe in {out}/recipe.yaml)")
     return 0
 
 
@@ -136,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:  # also silence transformers' own bars ("Loading weights")
         hf_logging.disable_progress_bar()
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+        return {"prune": cmd_prune, "search": cmd_search, "eval": cmd_eval}[args.command](args)
     except SparsecraftError as exc:
         print(f"sparsecraft: error: {exc}", file=sys.stderr)
         return 2

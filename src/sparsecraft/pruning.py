@@ -1,4 +1,4 @@
-"""One-shot pruning of a model: pick targets, calibrate block by block, apply the method per layer."""
+"""One-shot pruning of a model: pick targets, allocate sparsity, calibrate block by block, prune and refine."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .allocation import apply_overrides, owl, uniform
 from .calibrate import columns, run_sequential
+from .errors import DataError
 from .models import Target, find_blocks, resolve_device, select_targets, set_weight_matrix, weight_matrix
 from .patterns import check_columns
 from .recipe import Recipe
-from .registry import get_method
+from .registry import get_method, get_refiner
+from .stats import InputStats
 
 
 @dataclass
@@ -23,6 +26,8 @@ class LayerResult:
     pruned: int  # weights the method removed (exact by construction)
     zeros: int  # zeros in the final weight (pruned + any the weight already had in kept places)
     seconds: float
+    error: float | None = None  # relative output error ||(W' - What) X|| / ||W' X|| on calibration inputs, where
+    # W' is the weight aimed at: W itself, or with dense_targets the dense-output-matching W' of InputStats
 
     @property
     def sparsity(self) -> float:
@@ -47,7 +52,8 @@ class PruneReport:
             "sparsity": self.sparsity,
             "layers": {
                 r.name: {"shape": list(r.shape), "target": r.target_sparsity, "pruned": r.pruned,
-                         "zeros": r.zeros, "sparsity": r.sparsity, "seconds": round(r.seconds, 4)}
+                         "zeros": r.zeros, "sparsity": r.sparsity, "seconds": round(r.seconds, 4),
+                         "error": r.error}
                 for r in self.layers
             },
         }
@@ -60,52 +66,74 @@ def check_targets(targets: list[Target], recipe: Recipe) -> None:
         check_columns(columns(t), pattern, layer=t.name)
 
 
+def relative_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||(W - What) X||_F / ||W X||_F from H = 2 X^T X / n (the factor cancels)."""
+    h = hessian.double()
+    delta = (dense - pruned).double()
+    num = ((delta @ h) * delta).sum()
+    den = ((dense.double() @ h) * dense.double()).sum()
+    return float((num / den).clamp_min(0).sqrt()) if den > 0 else 0.0
+
+
 def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Recipe,
                 device: str | torch.device | None = None, progress: bool = True) -> PruneReport:
     """Prune `model` in place following `recipe`; `calibration` is a [nsamples, seqlen] LongTensor of
-    token ids (ignored by data-free methods)."""
+    token ids (unused when nothing in the recipe needs data)."""
     method = get_method(recipe.method)
-    pattern, sparsity = recipe.parsed_pattern, recipe.target_sparsity
+    refiners = [get_refiner(name) for name in recipe.refine]
+    pattern = recipe.parsed_pattern
     dev = resolve_device(device)
     targets = select_targets(model, recipe.targets, recipe.ignore)
     check_targets(targets, recipe)
+    needs_hessian = recipe.dense_targets or "hessian" in (method.needs, *(r.needs for r in refiners))
+    needs_data = recipe.needs_data
     report = PruneReport(recipe.to_dict())
     start = time.perf_counter()
+    if needs_data and (calibration is None or calibration.ndim != 2 or calibration.numel() == 0):
+        raise DataError("this recipe needs calibration token ids of shape [nsamples, seqlen]")
+    _, blocks = find_blocks(model)
+    batches = list(calibration.split(recipe.batch_size)) if needs_data else []
 
-    def prune_layer(target: Target, stats) -> None:
-        t0 = time.perf_counter()
-        weight = weight_matrix(target.module).detach().to(dev, torch.float32)
-        new, keep = method.prune(weight, stats, sparsity, pattern, recipe)
-        set_weight_matrix(target.module, new)
-        final = weight_matrix(target.module)
-        report.layers.append(LayerResult(
-            target.name, tuple(final.shape), sparsity, int((~keep).sum()), int((final == 0).sum()),
-            time.perf_counter() - t0,
-        ))
+    with _no_cache(model):
+        if recipe.allocation == "owl":
+            sparsities = owl(model, blocks, batches, targets, recipe.target_sparsity, recipe.owl_lambda,
+                             recipe.owl_m, dev, progress)
+        else:
+            sparsities = uniform(targets, recipe.target_sparsity)
+        sparsities = apply_overrides(sparsities, recipe.overrides)
 
-    if method.statistics is None:
-        from tqdm.auto import tqdm
+        def prune_layer(target: Target, stats: InputStats | None) -> None:
+            t0 = time.perf_counter()
+            dense = weight_matrix(target.module).detach().to(dev, torch.float32)
+            if stats is not None and stats.has_cross:
+                dense = stats.dense_target(dense, recipe.damp)
+            sparsity = sparsities[target.name]
+            new, keep = method.prune(dense, stats, sparsity, pattern, recipe)
+            for refiner in refiners:
+                new, keep = refiner.refine(dense, new, keep, stats, sparsity, pattern, recipe)
+            error = relative_error(dense, new, stats.hessian) if stats is not None and needs_hessian else None
+            set_weight_matrix(target.module, new)
+            final = weight_matrix(target.module)
+            report.layers.append(LayerResult(
+                target.name, tuple(final.shape), sparsity, int((~keep).sum()), int((final == 0).sum()),
+                time.perf_counter() - t0, error,
+            ))
 
-        for target in tqdm(targets, desc=f"{method.name} pruning", disable=not progress, unit="layer"):
-            prune_layer(target, None)
-    else:
-        if calibration is None or calibration.ndim != 2 or calibration.numel() == 0:
-            from .errors import DataError
+        if not needs_data:
+            from tqdm.auto import tqdm
 
-            raise DataError(f"method {method.name} needs calibration token ids of shape [nsamples, seqlen]")
-        _, blocks = find_blocks(model)
-        batches = list(calibration.split(recipe.batch_size))
+            for target in tqdm(targets, desc=f"{method.name} pruning", disable=not progress, unit="layer"):
+                prune_layer(target, None)
+        else:
+            def on_block(index: int, block_targets: list[Target], stats: dict) -> None:
+                for target in block_targets:
+                    prune_layer(target, stats.pop(target.name))
 
-        def on_block(index: int, block_targets: list[Target], stats: dict) -> None:
-            for target in block_targets:
-                prune_layer(target, stats[target.name])
-                del stats[target.name]
+            def factory(target: Target) -> InputStats:
+                return InputStats(columns(target), dev, hessian=needs_hessian, cross=recipe.dense_targets)
 
-        def factory(target: Target):
-            return method.statistics(columns(target), dev)
-
-        with _no_cache(model):
-            run_sequential(model, blocks, batches, targets, factory, on_block, dev, progress)
+            run_sequential(model, blocks, batches, targets, factory, on_block, dev, progress,
+                           dense_stream=recipe.dense_targets)
     order = {t.name: i for i, t in enumerate(targets)}
     report.layers.sort(key=lambda r: order[r.name])
     report.seconds = time.perf_counter() - start

@@ -15,7 +15,9 @@ class Recipe:
     """What to prune, how, and with which calibration data.
 
     `targets`/`ignore` are regexes searched in module names (e.g. ``mlp``, ``lm_head``); the default
-    targets are the Linear/Conv1D layers inside the model's repeated transformer blocks.
+    targets are the Linear/Conv1D layers inside the model's repeated transformer blocks. `allocation`
+    spreads the sparsity over layers (OWL keeps the overall value exact); `overrides` then pin layers
+    matching a regex to a sparsity; `refine` improves each layer's mask after the method (DSnoT).
     """
 
     method: str = "wanda"
@@ -30,6 +32,14 @@ class Recipe:
     batch_size: int = 8
     damp: float = 0.01
     blocksize: int = 128
+    allocation: str = "uniform"  # uniform | owl
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    overrides: dict[str, float] = field(default_factory=dict)  # {layer-name regex: sparsity}
+    refine: list[str] = field(default_factory=list)  # refinements in order: dsnot, refit
+    dense_targets: bool = False  # reconstruct towards the dense model's outputs (needs a second stream)
+    dsnot_cycles: int = 50
+    dsnot_threshold: float = 0.1
 
     def __post_init__(self) -> None:
         self.validate()
@@ -42,15 +52,49 @@ class Recipe:
     def target_sparsity(self) -> float:
         return resolve_sparsity(self.parsed_pattern, self.sparsity)
 
-    def validate(self) -> None:
+    @property
+    def needs_data(self) -> bool:
+        """Whether any step (method, refinement, allocation) needs calibration data."""
         from .registry import get_method
 
+        return (get_method(self.method).needs_data or bool(self.refine) or self.allocation != "uniform"
+                or self.dense_targets)
+
+    def validate(self) -> None:
+        from .allocation import ALLOCATIONS
+        from .patterns import check_sparsity
+        from .registry import get_method, get_refiner
+
         get_method(self.method)
+        if self.refine in (None, "none", ""):
+            self.refine = []
+        elif isinstance(self.refine, str):
+            self.refine = [r.strip() for r in self.refine.split(",") if r.strip() not in ("", "none")]
+        self.refine = list(self.refine)
+        for name in self.refine:
+            get_refiner(name)
+        self.dense_targets = bool(self.dense_targets)
         pattern = Pattern.parse(self.pattern)
         self.pattern = str(pattern)
         if self.sparsity is None and not pattern.is_nm:
             self.sparsity = 0.5
         self.sparsity = resolve_sparsity(pattern, self.sparsity)
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}: choose one of {', '.join(ALLOCATIONS)}")
+        if pattern.is_nm and (self.allocation != "uniform" or self.overrides):
+            raise ConfigError(f"pattern {pattern} fixes every layer's sparsity: per-layer allocation and "
+                              "overrides need --pattern unstructured")
+        if not 0.0 <= float(self.owl_lambda) < 0.5:
+            raise ConfigError(f"owl_lambda must be in [0, 0.5), got {self.owl_lambda}")
+        if not float(self.owl_m) > 0:
+            raise ConfigError(f"owl_m (outlier threshold, x mean score) must be > 0, got {self.owl_m}")
+        if not isinstance(self.overrides, dict):
+            raise ConfigError(f"overrides must map layer-name regexes to sparsities, got {self.overrides!r}")
+        self.overrides = {str(k): check_sparsity(v) for k, v in self.overrides.items()}
+        if isinstance(self.dsnot_cycles, bool) or not isinstance(self.dsnot_cycles, int) or self.dsnot_cycles < 0:
+            raise ConfigError(f"dsnot_cycles must be a non-negative integer, got {self.dsnot_cycles!r}")
+        if float(self.dsnot_threshold) < 0:
+            raise ConfigError(f"dsnot_threshold must be >= 0, got {self.dsnot_threshold}")
         for name in ("nsamples", "seqlen", "batch_size", "blocksize"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -65,11 +109,11 @@ class Recipe:
                 raise ConfigError(f"{name} must be a list of regexes, got {value!r}")
             else:
                 setattr(self, name, list(value))
-        for regex in [*self.targets, *self.ignore]:
+        for regex in [*self.targets, *self.ignore, *self.overrides]:
             try:
                 re.compile(regex)
             except re.error as exc:
-                raise ConfigError(f"invalid regex {regex!r} in targets/ignore: {exc}") from None
+                raise ConfigError(f"invalid regex {regex!r} in targets/ignore/overrides: {exc}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,10 +126,13 @@ class Recipe:
             raise ConfigError(f"unknown recipe keys {unknown}; known keys are {sorted(known)}")
         return cls(**data)
 
-    def to_yaml(self, path: str | Path) -> None:
+    def to_yaml_text(self) -> str:
         import yaml
 
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml_text())
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:

@@ -8,7 +8,7 @@ from ..patterns import Pattern, mask_from_scores
 from ..registry import register
 
 
-@register("magnitude", statistics=None, summary="|W|, compared across the whole layer; no data needed")
+@register("magnitude", needs="weights", summary="|W|, compared across the whole layer; no data needed")
 def prune_magnitude(weight: torch.Tensor, stats, sparsity: float, pattern: Pattern, recipe):
     keep = mask_from_scores(weight.abs(), sparsity, pattern, scope="layer")
     return weight * keep, keep

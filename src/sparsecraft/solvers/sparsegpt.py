@@ -12,7 +12,7 @@ import torch
 from ..errors import SparsecraftError
 from ..patterns import Pattern, check_columns, keep_lowest_pruned, prune_count
 from ..registry import register
-from ..stats import Hessian
+from ..stats import InputStats
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, weight: torch.Tensor, damp: float) -> torch.Tensor:
@@ -72,10 +72,10 @@ def sparsegpt_prune(
     return W, keep
 
 
-@register("sparsegpt", statistics=Hessian, summary="OBS weight reconstruction from the input Hessian")
-def prune_sparsegpt(weight: torch.Tensor, stats: Hessian, sparsity: float, pattern: Pattern, recipe):
+@register("sparsegpt", needs="hessian", summary="OBS weight reconstruction from the input Hessian")
+def prune_sparsegpt(weight: torch.Tensor, stats: InputStats, sparsity: float, pattern: Pattern, recipe):
     if pattern.is_nm and recipe.blocksize % pattern.m:
         raise SparsecraftError(
             f"blocksize {recipe.blocksize} must be a multiple of M={pattern.m} for pattern {pattern}"
         )
-    return sparsegpt_prune(weight, stats.matrix, sparsity, pattern, recipe.blocksize, recipe.damp)
+    return sparsegpt_prune(weight, stats.hessian, sparsity, pattern, recipe.blocksize, recipe.damp)

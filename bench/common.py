@@ -1,0 +1,106 @@
+"""Shared by the benchmarks: run one pruning configuration in a fresh subprocess (so peak RSS is its own)
+and print tables. A spec is a dict of Recipe fields plus model/data/eval settings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORKER = Path(__file__).resolve()
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    import sparsecraft
+    from sparsecraft.api import calibration_ids, make_recipe, peak_rss_mb
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    t0 = time.perf_counter()
+    model, tokenizer = sparsecraft.load_model(spec["model"])
+    splits = sparsecraft.load_text(spec["data"])
+    row = {"name": spec["name"], "load_s": time.perf_counter() - t0}
+    recipe_fields = spec.get("recipe")
+    if recipe_fields:
+        recipe = make_recipe(data=spec["data"], **recipe_fields)
+        ids = calibration_ids(splits, tokenizer, recipe) if recipe.needs_data or spec.get("search") else None
+        if spec.get("search"):
+            from sparsecraft.data import calibration_batch, tokenize
+            from sparsecraft.models import find_blocks
+            from sparsecraft.search import parse_budget, search_levels, searched_recipe
+
+            windows = calibration_batch(tokenize(tokenizer, splits.calibration), spec["search"]["fitness_samples"],
+                                        recipe.seqlen, recipe.seed + 1)
+            result = search_levels(model, ids, windows, recipe, parse_budget(spec["search"]["budget"]),
+                                   progress=False)
+            recipe = searched_recipe(recipe, result, find_blocks(model)[0])
+            row["search_s"] = result.seconds
+            row["search"] = {"generations": result.generations, "kl": result.fitness,
+                             "uniform_kl": result.uniform_fitness}
+        _, report = sparsecraft.prune(model, ids, recipe, progress=False)
+        row["prune_s"] = report.seconds + row.get("search_s", 0.0)
+        row["recipe"] = recipe.to_dict()
+        row["layer_sparsity"] = {r.name: r.target_sparsity for r in report.layers}
+    result = sparsecraft.evaluate(model, splits, tokenizer=tokenizer, seqlen=spec["eval_seqlen"],
+                                  max_windows=spec.get("max_eval_windows"), progress=False)
+    row.update(perplexity=result["perplexity"], sparsity=result["sparsity"], eval_tokens=result["tokens"],
+               peak_rss_mb=peak_rss_mb())
+    return row
+
+
+def run_isolated(spec: dict) -> dict:
+    """Run `worker(spec)` in a new Python process and return its result row."""
+    print(f"running {spec['name']} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], check=False, capture_output=True,
+                          text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.exit(f"{spec['name']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def add_common_args(ap) -> None:
+    """Model, data, calibration and output flags every benchmark takes."""
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--data", default="builtin")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-eval-windows", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", action="store_true")
+
+
+def base_spec(args) -> tuple[dict, dict]:
+    """(evaluation settings, calibration recipe fields) from the common flags."""
+    base = {"model": args.model, "data": args.data, "eval_seqlen": args.seqlen,
+            "max_eval_windows": args.max_eval_windows}
+    return base, {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
+
+
+def finish(args, headers: list[str], table: list[list[str]], results: list[dict]) -> None:
+    """Print the table and the run's settings; write the raw rows as JSON with --json."""
+    print_table(headers, table, args.markdown)
+    print(f"model={args.model} data={args.data} calibration={args.nsamples}x{args.seqlen} tokens seed={args.seed}, "
+          f"eval={results[0]['eval_tokens']} held-out tokens in windows of {args.seqlen}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def print_table(headers: list[str], rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
+        print("\n".join("| " + " | ".join(r) + " |" for r in rows))
+    else:
+        from sparsecraft.report import format_table
+
+        print(format_table(headers, rows))
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(worker(json.loads(sys.argv[1]))))

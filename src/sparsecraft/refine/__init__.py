@@ -1,0 +1,1 @@
+"""Mask refinement without training: change which weights are kept, never how many."""

@@ -1,0 +1,77 @@
+"""Evolutionary per-block sparsity search: budget, exactness, fitness, replay as a recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sparsecraft
+from conftest import build_model
+from sparsecraft.cli import main
+from sparsecraft.errors import ConfigError
+from sparsecraft.recipe import Recipe
+from sparsecraft.search import parse_budget, search_levels, searched_recipe
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("20m", 1200), ("1.5h", 5400), (30, 30)])
+def test_parse_budget(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "ten minutes", "0", "-5m", "5d"])
+def test_parse_budget_rejects(bad):
+    with pytest.raises(ConfigError):
+        parse_budget(bad)
+
+
+def test_search_within_budget_exact_and_no_worse(tiny_llama, calib_ids):
+    recipe = Recipe(method="sparsegpt", sparsity=0.6)
+    fitness_windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(9))
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    result = search_levels(tiny_llama, calib_ids, fitness_windows, recipe, budget_s=12, progress=False)
+    assert result.seconds <= 12
+    assert result.generations >= 1 and result.evaluations >= result.generations
+    assert result.fitness <= result.uniform_fitness
+    assert set(result.levels) == {0, 1}
+    assert sum(result.levels.values()) / 2 == pytest.approx(0.6, abs=1e-9)  # equal-size blocks: exact mean
+    assert all(0.45 - 1e-9 <= v <= 0.75 + 1e-9 for v in result.levels.values())
+    for key, value in tiny_llama.state_dict().items():  # the search leaves the model dense
+        assert torch.equal(value, before[key]), key
+    replay = searched_recipe(recipe, result, "model.layers")
+    _, report = sparsecraft.prune(tiny_llama, calib_ids, replay, progress=False)
+    for r in report.layers:
+        assert r.target_sparsity == result.levels[int(r.name.split(".")[2])]
+
+
+def test_search_rejects_nm_and_tight_budget(tiny_llama, calib_ids):
+    windows = calib_ids[:2]
+    with pytest.raises(ConfigError, match="unstructured"):
+        search_levels(tiny_llama, calib_ids, windows, Recipe(method="wanda", pattern="2:4"), budget_s=5,
+                      progress=False)
+    with pytest.raises(ConfigError, match="larger --budget"):
+        search_levels(tiny_llama, calib_ids, windows, Recipe(method="wanda", sparsity=0.5), budget_s=1e-3,
+                      progress=False)
+
+
+def test_cli_search_then_replay_recipe(capsys, llama_dir, text_file, tmp_path):
+    out = tmp_path / "searched"
+    common = ["--model", str(llama_dir), "--data", str(text_file), "--nsamples", "4", "--seqlen", "32",
+              "--method", "wanda", "--max-eval-windows", "2", "--quiet"]
+    rc = main(["search", *common, "--sparsity", "0.6", "--budget", "15s", "--fitness-samples", "2",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((out / "sparsecraft.json").read_text())
+    assert meta["search"]["seconds"] <= 15 and meta["search"]["generations"] >= 1
+    recipe = Recipe.from_yaml(out / "recipe.yaml")
+    assert len(recipe.overrides) == 2 and recipe.allocation == "uniform"
+    replay = tmp_path / "replay"
+    rc = main(["prune", "--model", str(llama_dir), "--recipe", str(out / "recipe.yaml"), "--out", str(replay),
+               "--max-eval-windows", "2", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    a = build_model("llama").from_pretrained(out).state_dict()
+    b = build_model("llama").from_pretrained(replay).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = json.loads((replay / "sparsecraft.json").read_text())
+    assert again["evaluation"]["perplexity"] == meta["evaluation"]["perplexity"]
