@@ -22,9 +22,9 @@ INGREDIENTS = {  # name -> recipe fields added to the SparseGPT baseline
     "+ dsnot": {"refine": ["dsnot"]},
     "+ dense targets": {"dense_targets": True},
     "+ refit": {"refine": ["refit"]},
-    "all": {"allocation": "owl", "dense_targets": True, "refine": ["dsnot", "refit"]},
+    "all": {"allocation": "owl", "refine": ["dsnot", "refit"]},
     "+ search": {"search": True},
-    "all + search": {"search": True, "dense_targets": True, "refine": ["dsnot", "refit"]},
+    "search + dsnot + refit": {"search": True, "refine": ["dsnot", "refit"]},
 }
 
 
@@ -50,8 +50,10 @@ def main() -> None:
         fields = {**calib, **setting_fields(setting)}
         rows = {"wanda": {**fields, "method": "wanda"}}
         for name, extra in INGREDIENTS.items():
-            if ":" in setting and (extra.get("allocation") == "owl" or extra.get("search")):
-                continue  # N:M fixes every layer's sparsity: nothing to allocate
+            if ":" in setting:  # N:M fixes every layer's sparsity: nothing to allocate or search
+                if extra.get("search") or extra == {"allocation": "owl"}:
+                    continue
+                extra = {k: v for k, v in extra.items() if k != "allocation"}
             rows[name] = {**fields, "method": "sparsegpt", **extra}
         baseline = None
         for name, recipe in rows.items():

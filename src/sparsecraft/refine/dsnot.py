@@ -63,11 +63,13 @@ def dsnot_refine(dense: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, 
             pool = torch.where(keep & helps, wanda, inf)
             fallback = torch.where(keep, wanda, inf)
             p = torch.where(torch.isfinite(pool.min(1).values), pool.argmin(1), fallback.argmin(1))
-        d_g = W0[arange, g] - W[arange, g]  # regrown weight returns to its dense value
         d_p = -W[arange, p]  # pruned weight goes to zero
-        # What_new = What + d (d_g at g, d_p at p): the row error changes by -2 d.G + d H d^T
+        # What_new = What + d (d_g at g, d_p at p) changes the row error by -2 d.G + d H d^T; the regrown weight
+        # takes the value that minimises it (an OBS step), which is its dense value when nothing compensated yet
+        h_gg = H[g, g]
+        d_g = torch.where(h_gg > 0, (G[arange, g] - d_p * H[g, p]) / h_gg.clamp_min(1e-30), torch.zeros_like(d_p))
         change = (-2 * (d_g * G[arange, g] + d_p * G[arange, p])
-                  + d_g**2 * H[g, g] + d_p**2 * H[p, p] + 2 * d_g * d_p * H[g, p])
+                  + d_g**2 * h_gg + d_p**2 * H[p, p] + 2 * d_g * d_p * H[g, p])
         ok = active & has_grow & (g != p) & (change < 0)
         active &= ok
         if not ok.any():
