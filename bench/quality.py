@@ -13,6 +13,7 @@ and peak RSS.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from common import add_common_args, base_spec, finish, run_isolated
 
@@ -71,6 +72,7 @@ def main() -> None:
             change = f"{(r['perplexity'] / baseline - 1):+.1%}" if baseline and name != "sparsegpt" else "-"
             table.append([name, setting, f"{r['sparsity']:.2%}", f"{r['perplexity']:.2f}",
                           f"{r['perplexity'] / dense:.2f}", change, f"{r['prune_s']:.0f}", f"{r['peak_rss_mb']:.0f}"])
+            print("done: " + " | ".join(table[-1]), file=sys.stderr, flush=True)  # partial results survive a kill
     finish(args, ["recipe", "setting", "sparsity", "held-out ppl", "x dense", "vs sparsegpt", "prune s",
                   "peak RSS MiB"], table, results)
 
