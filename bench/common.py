@@ -29,15 +29,11 @@ def worker(spec: dict) -> dict:
         recipe = make_recipe(data=spec["data"], **recipe_fields)
         ids = calibration_ids(splits, tokenizer, recipe) if recipe.needs_data or spec.get("search") else None
         if spec.get("search"):
-            from sparsecraft.data import calibration_batch, tokenize
-            from sparsecraft.models import find_blocks
-            from sparsecraft.search import parse_budget, search_levels, searched_recipe
+            from sparsecraft.search import parse_budget, search_recipe
 
-            windows = calibration_batch(tokenize(tokenizer, splits.calibration), spec["search"]["fitness_samples"],
-                                        recipe.seqlen, recipe.seed + 1)
-            result = search_levels(model, ids, windows, recipe, parse_budget(spec["search"]["budget"]),
-                                   progress=False)
-            recipe = searched_recipe(recipe, result, find_blocks(model)[0])
+            recipe, result = search_recipe(model, tokenizer, splits.calibration, ids, recipe,
+                                           parse_budget(spec["search"]["budget"]), spec["search"]["fitness_samples"],
+                                           progress=False)
             row["search_s"] = result.seconds
             row["search"] = {"generations": result.generations, "kl": result.fitness,
                              "uniform_kl": result.uniform_fitness}

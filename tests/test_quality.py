@@ -13,9 +13,9 @@ from sparsecraft.errors import ConfigError
 from sparsecraft.models import weight_matrix
 from sparsecraft.patterns import Pattern, is_nm_valid, mask_from_scores
 from sparsecraft.recipe import Recipe
-from sparsecraft.refine.dsnot import dsnot_refine, reconstruction_error
+from sparsecraft.refine.dsnot import dsnot_refine
 from sparsecraft.solvers.sparsegpt import sparsegpt_prune
-from sparsecraft.stats import InputStats
+from sparsecraft.stats import InputStats, reconstruction_error
 
 
 def layer_stats(x: torch.Tensor) -> InputStats:

@@ -110,8 +110,7 @@ def _prune(args, recipe, search_budget: float | None = None) -> int:
     """Load, (search,) prune, evaluate, save and print the table — shared by `prune` and `search`."""
     from . import api
     from .checkpoint import check_output
-    from .data import calibration_batch, tokenize
-    from .models import find_blocks, load_model, resolve_device
+    from .models import load_model, resolve_device
     from .report import format_table
 
     out = check_output(args.out, args.force)
@@ -131,13 +130,11 @@ def _prune(args, recipe, search_budget: float | None = None) -> int:
     dense = None if args.no_eval else evaluate()
     extra: dict = {}
     if search_budget is not None:
-        from .search import search_levels, searched_recipe
+        from .search import search_recipe
 
-        fitness_windows = calibration_batch(tokenize(tokenizer, splits.calibration), args.fitness_samples,
-                                            recipe.seqlen, recipe.seed + 1)
-        result = search_levels(model, ids, fitness_windows, recipe, search_budget, step=args.step,
-                               max_steps=args.max_steps, offspring=args.offspring, device=device, progress=progress)
-        recipe = searched_recipe(recipe, result, find_blocks(model)[0])
+        recipe, result = search_recipe(model, tokenizer, splits.calibration, ids, recipe, search_budget,
+                                       args.fitness_samples, step=args.step, max_steps=args.max_steps,
+                                       offspring=args.offspring, device=device, progress=progress)
         extra["search"] = {
             "budget_s": search_budget, "seconds": result.seconds, "generations": result.generations,
             "evaluations": result.evaluations, "kl": result.fitness, "uniform_kl": result.uniform_fitness,

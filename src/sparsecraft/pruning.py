@@ -15,7 +15,7 @@ from .models import Target, find_blocks, resolve_device, select_targets, set_wei
 from .patterns import check_columns
 from .recipe import Recipe
 from .registry import get_method, get_refiner
-from .stats import InputStats
+from .stats import InputStats, reconstruction_error
 
 
 @dataclass
@@ -68,10 +68,8 @@ def check_targets(targets: list[Target], recipe: Recipe) -> None:
 
 def relative_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
     """||(W - What) X||_F / ||W X||_F from H = 2 X^T X / n (the factor cancels)."""
-    h = hessian.double()
-    delta = (dense - pruned).double()
-    num = ((delta @ h) * delta).sum()
-    den = ((dense.double() @ h) * dense.double()).sum()
+    num = reconstruction_error(dense, pruned, hessian).sum()
+    den = reconstruction_error(dense, torch.zeros_like(dense), hessian).sum()
     return float((num / den).clamp_min(0).sqrt()) if den > 0 else 0.0
 
 

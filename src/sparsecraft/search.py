@@ -198,6 +198,18 @@ def search_levels(model: nn.Module, calibration: torch.Tensor, fitness_windows: 
                         time.perf_counter() - start, history)
 
 
+def search_recipe(model: nn.Module, tokenizer, calibration_text: str, calibration: torch.Tensor, recipe: Recipe,
+                  budget_s: float, fitness_samples: int = 4, **options) -> tuple[Recipe, SearchResult]:
+    """Search on `calibration` ids, scoring candidates on `fitness_samples` windows drawn (with seed + 1) from
+    the calibration text; returns the recipe that replays the winner, and the search result."""
+    from .data import calibration_batch, tokenize
+
+    windows = calibration_batch(tokenize(tokenizer, calibration_text), fitness_samples, recipe.seqlen,
+                                recipe.seed + 1)
+    result = search_levels(model, calibration, windows, recipe, budget_s, **options)
+    return searched_recipe(recipe, result, find_blocks(model)[0]), result
+
+
 def searched_recipe(recipe: Recipe, result: SearchResult, blocks_name: str) -> Recipe:
     """The recipe that replays the search: the same method with the found per-block sparsities."""
     data = recipe.to_dict()

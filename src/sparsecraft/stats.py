@@ -67,3 +67,9 @@ class InputStats:
         if self.xtx is None:
             raise RuntimeError("these statistics were collected without the Hessian")
         return self.xtx * (2.0 / max(self.tokens, 1))
+
+
+def reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """Per-row (W - What) H (W - What)^T: the layer's squared output error on the calibration inputs."""
+    delta = (dense - pruned).double()
+    return ((delta @ hessian.double()) * delta).sum(1)

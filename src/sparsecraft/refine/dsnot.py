@@ -19,12 +19,6 @@ from ..registry import register_refiner
 from ..stats import InputStats
 
 
-def reconstruction_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """Per-row (W - What) H (W - What)^T: the layer's squared output error on the calibration inputs."""
-    delta = (dense - pruned).double()
-    return ((delta @ hessian.double()) * delta).sum(1)
-
-
 def dsnot_refine(dense: torch.Tensor, pruned: torch.Tensor, keep: torch.Tensor, stats: InputStats,
                  pattern: Pattern, cycles: int = 50, threshold: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     W0 = dense.double()
