@@ -1,31 +1,46 @@
-"""Quality beyond the reference pruners on the default model, every row measured in one run on the held-out split.
+"""Quality beyond the reference pruners on the default model, every row on the same held-out split.
 
-For each sparsity setting: Wanda and SparseGPT with uniform allocation (the baselines), then SparseGPT with one
-ingredient at a time (OWL allocation, DSnoT mask refinement, dense-target reconstruction, least-squares refit,
-evolutionary per-block search) and the combinations. Same calibration and evaluation windows for every row; each
-row in its own process. Prints perplexity, the change against plain SparseGPT, prune seconds (search included)
-and peak RSS.
+For each sparsity setting: Wanda and SparseGPT with uniform allocation (the baselines), then one ingredient at a
+time (OWL allocation, DSnoT mask refinement, least-squares refit, RIA with channel permutation for N:M,
+evolutionary per-block search) and the best combinations. Same calibration and evaluation windows for every row;
+each row in its own process. Prints perplexity, the change against plain SparseGPT, prune seconds (search
+included) and peak RSS.
 
-    python bench/quality.py                                  # 50/60/70% unstructured, 2:4, 4:8 (hours)
-    python bench/quality.py --settings 0.7,2:4 --markdown    # the acceptance settings only
+Rows are cached in --cache (keyed by the full row spec, with the commit that measured them), so a long table can
+be built over several invocations: a killed run resumes where it stopped. `--no-cache` measures everything anew.
+
+    python bench/quality.py --markdown                        # the full table (hours on 2 CPU cores)
+    python bench/quality.py --settings 0.7,2:4 --markdown     # the acceptance settings only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 from common import add_common_args, base_spec, finish, run_isolated
 
-INGREDIENTS = {  # name -> recipe fields added to the SparseGPT baseline
-    "sparsegpt": {},
-    "+ owl": {"allocation": "owl"},
-    "+ dsnot": {"refine": ["dsnot"]},
-    "+ dense targets": {"dense_targets": True},
-    "+ refit": {"refine": ["refit"]},
-    "all": {"allocation": "owl", "refine": ["dsnot", "refit"]},
-    "+ search": {"search": True},
-    "search + dsnot + refit": {"search": True, "refine": ["dsnot", "refit"]},
+# name -> (method, recipe fields, which settings: "u" unstructured, "nm" N:M, "search" = with search only where
+# --search-at says)
+ROWS = {
+    "wanda": ("wanda", {}, "u nm"),
+    "wanda + owl": ("wanda", {"allocation": "owl"}, "u"),
+    "wanda + dsnot": ("wanda", {"refine": ["dsnot"]}, "u nm"),
+    "ria + permute": ("ria", {"permute": True}, "nm"),
+    "sparsegpt": ("sparsegpt", {}, "u nm"),
+    "+ owl": ("sparsegpt", {"allocation": "owl"}, "u"),
+    "+ dsnot": ("sparsegpt", {"refine": ["dsnot"]}, "u nm"),
+    "+ refit": ("sparsegpt", {"refine": ["refit"]}, "u nm"),
+    "+ permute": ("sparsegpt", {"permute": True}, "nm"),
+    "+ search": ("sparsegpt", {"search": True}, "search"),
+    "owl + dsnot + refit": ("sparsegpt", {"allocation": "owl", "refine": ["dsnot", "refit"]}, "u"),
+    "dsnot + refit": ("sparsegpt", {"refine": ["dsnot", "refit"]}, "nm"),
+    "permute + dsnot + refit": ("sparsegpt", {"permute": True, "refine": ["dsnot", "refit"]}, "nm"),
+    "search + dsnot + refit": ("sparsegpt", {"search": True, "refine": ["dsnot", "refit"]}, "search"),
 }
 
 
@@ -33,38 +48,70 @@ def setting_fields(setting: str) -> dict:
     return {"pattern": setting} if ":" in setting else {"pattern": "unstructured", "sparsity": float(setting)}
 
 
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Cache:
+    def __init__(self, path: str | None):
+        self.path = Path(path) if path else None
+        self.rows = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
+
+    def run(self, spec: dict) -> dict:
+        key = json.dumps(spec, sort_keys=True)
+        if key in self.rows:
+            print(f"cached {spec['name']} (measured at {self.rows[key].get('commit')})", file=sys.stderr)
+            return self.rows[key]
+        row = {**run_isolated(spec), "commit": commit()}
+        if self.path:
+            self.rows[key] = row
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.rows, indent=1))
+            os.replace(tmp, self.path)
+        return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--settings", default="0.5,0.6,0.7,2:4,4:8", help="sparsities and/or N:M patterns")
-    ap.add_argument("--rows", default=",".join(["wanda", *INGREDIENTS]), help="which rows to run")
-    ap.add_argument("--search-budget", default="20m", help="time budget of each search row")
+    ap.add_argument("--settings", default="0.7,2:4,4:8,0.6,0.5", help="sparsities and/or N:M patterns")
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"which rows to run, from: {', '.join(ROWS)}")
+    ap.add_argument("--search-at", default="0.7", help="unstructured settings that get the search rows")
+    ap.add_argument("--search-budget", default="10m", help="time budget of each search row")
     ap.add_argument("--fitness-samples", type=int, default=4, help="windows scoring each search candidate")
+    ap.add_argument("--cache", default=str(Path(__file__).parent / "results" / "quality-cache.json"))
+    ap.add_argument("--no-cache", action="store_true")
     add_common_args(ap)
     args = ap.parse_args()
+    cache = Cache(None if args.no_cache else args.cache)
     base, calib = base_spec(args)
     wanted = args.rows.split(",")
-    results = [run_isolated({**base, "name": "dense", "recipe": None})]
+    unknown = [w for w in wanted if w not in ROWS]
+    if unknown:
+        sys.exit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    search_at = set(args.search_at.split(","))
+    results = [cache.run({**base, "name": "dense", "recipe": None})]
     dense = results[0]["perplexity"]
     table = [["dense", "-", f"{results[0]['sparsity']:.2%}", f"{dense:.2f}", "-", "-", "-",
               f"{results[0]['peak_rss_mb']:.0f}"]]
     for setting in args.settings.split(","):
-        fields = {**calib, **setting_fields(setting)}
-        rows = {"wanda": {**fields, "method": "wanda"}}
-        for name, extra in INGREDIENTS.items():
-            if ":" in setting:  # N:M fixes every layer's sparsity: nothing to allocate or search
-                if extra.get("search") or extra == {"allocation": "owl"}:
-                    continue
-                extra = {k: v for k, v in extra.items() if k != "allocation"}
-            rows[name] = {**fields, "method": "sparsegpt", **extra}
+        kind = "nm" if ":" in setting else "u"
         baseline = None
-        for name, recipe in rows.items():
-            if name not in wanted:
+        for name in ROWS:
+            method, extra, where = ROWS[name]
+            applies = ("search" in where and setting in search_at) or kind in where.split()
+            if name not in wanted or not applies:
                 continue
+            recipe = {**calib, **setting_fields(setting), "method": method, **extra}
             search = recipe.pop("search", None)
             spec = {**base, "name": f"{setting} {name}", "recipe": recipe}
             if search:
                 spec["search"] = {"budget": args.search_budget, "fitness_samples": args.fitness_samples}
-            r = run_isolated(spec)
+            r = cache.run(spec)
             r["setting"], r["row"] = setting, name
             results.append(r)
             if name == "sparsegpt":
