@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import permute
 from .allocation import apply_overrides, owl, uniform
 from .calibrate import columns, run_sequential
 from .errors import DataError
@@ -28,6 +29,7 @@ class LayerResult:
     seconds: float
     error: float | None = None  # relative output error ||(W' - What) X|| / ||W' X|| on calibration inputs, where
     # W' is the weight aimed at: W itself, or with dense_targets the dense-output-matching W' of InputStats
+    permuted: bool = False  # input channels permuted before the N:M mask (folded into the producer layers)
 
     @property
     def sparsity(self) -> float:
@@ -53,7 +55,7 @@ class PruneReport:
             "layers": {
                 r.name: {"shape": list(r.shape), "target": r.target_sparsity, "pruned": r.pruned,
                          "zeros": r.zeros, "sparsity": r.sparsity, "seconds": round(r.seconds, 4),
-                         "error": r.error}
+                         "error": r.error, "permuted": r.permuted}
                 for r in self.layers
             },
         }
@@ -99,6 +101,23 @@ def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Reci
         else:
             sparsities = uniform(targets, recipe.target_sparsity)
         sparsities = apply_overrides(sparsities, recipe.overrides)
+        modules = dict(model.named_modules()) if recipe.permute else {}
+        permuted: set[str] = set()
+
+        def permute_block(block_targets: list[Target], stats: dict) -> None:
+            """Fold an N:M-friendly input-channel permutation into each foldable target (see permute.py)."""
+            if not recipe.permute:
+                return
+            for target in block_targets:
+                if permute.producers(modules, target.name) is None:
+                    continue
+                layer_stats = stats.get(target.name)
+                dense = weight_matrix(target.module).detach().to(dev, torch.float32)
+                scores = permute.permutation_scores(recipe.method, dense, layer_stats).cpu()
+                perm = permute.nm_permutation(scores, pattern.n, pattern.m, seed=recipe.seed)
+                permute.fold(modules, target.name, perm)
+                permute.permute_stats(layer_stats, perm)
+                permuted.add(target.name)
 
         def prune_layer(target: Target, stats: InputStats | None) -> None:
             t0 = time.perf_counter()
@@ -114,16 +133,18 @@ def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Reci
             final = weight_matrix(target.module)
             report.layers.append(LayerResult(
                 target.name, tuple(final.shape), sparsity, int((~keep).sum()), int((final == 0).sum()),
-                time.perf_counter() - t0, error,
+                time.perf_counter() - t0, error, target.name in permuted,
             ))
 
         if not needs_data:
             from tqdm.auto import tqdm
 
             for target in tqdm(targets, desc=f"{method.name} pruning", disable=not progress, unit="layer"):
+                permute_block([target], {})
                 prune_layer(target, None)
         else:
             def on_block(index: int, block_targets: list[Target], stats: dict) -> None:
+                permute_block(block_targets, stats)
                 for target in block_targets:
                     prune_layer(target, stats.pop(target.name))
 

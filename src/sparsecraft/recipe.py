@@ -40,6 +40,7 @@ class Recipe:
     dense_targets: bool = False  # reconstruct towards the dense model's outputs (needs a second stream)
     dsnot_cycles: int = 50
     dsnot_threshold: float = 0.1
+    permute: bool = False  # N:M only: input-channel permutation folded into producer layers (permute.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,6 +85,10 @@ class Recipe:
         if pattern.is_nm and (self.allocation != "uniform" or self.overrides):
             raise ConfigError(f"pattern {pattern} fixes every layer's sparsity: per-layer allocation and "
                               "overrides need --pattern unstructured")
+        self.permute = bool(self.permute)
+        if self.permute and not pattern.is_nm:
+            raise ConfigError("permute reorders input channels so an N:M mask keeps more; it needs an N:M "
+                              "--pattern such as 2:4 (unstructured masks do not depend on channel order)")
         if not 0.0 <= float(self.owl_lambda) < 0.5:
             raise ConfigError(f"owl_lambda must be in [0, 0.5), got {self.owl_lambda}")
         if not float(self.owl_m) > 0:
