@@ -30,8 +30,8 @@ def test_search_within_budget_exact_and_no_worse(tiny_llama, calib_ids):
     recipe = Recipe(method="sparsegpt", sparsity=0.6)
     fitness_windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(9))
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    result = search_levels(tiny_llama, calib_ids, fitness_windows, recipe, budget_s=12, progress=False)
-    assert result.seconds <= 12
+    result = search_levels(tiny_llama, calib_ids, fitness_windows, recipe, budget_s=30, progress=False)
+    assert result.seconds <= 30
     assert result.generations >= 1 and result.evaluations >= result.generations
     assert result.fitness <= result.uniform_fitness
     assert set(result.levels) == {0, 1}

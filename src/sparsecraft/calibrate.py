@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import Target, weight_matrix
+from .models import Target, call_model, weight_matrix
 
 
 class _StopForward(Exception):
@@ -70,7 +70,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: Iter
         with torch.no_grad():
             for ids in batches:
                 try:
-                    model(input_ids=ids.to(where), use_cache=False)
+                    call_model(model, ids.to(where))
                 except _StopForward:
                     pass
     finally:
@@ -204,7 +204,7 @@ def run_sequential(
             with torch.no_grad():
                 for ids in tqdm(batches, desc=f"{desc} (outer layers)", disable=not progress or not recorder.stats):
                     if recorder.stats:
-                        model(input_ids=ids.to(where), use_cache=False)
+                        call_model(model, ids.to(where))
         finally:
             recorder.remove()
         on_block(-1, outside, recorder.stats)

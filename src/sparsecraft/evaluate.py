@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibrate import model_device
-from .models import find_blocks, is_prunable, weight_matrix
+from .models import find_blocks, is_prunable, model_logits, weight_matrix
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:
@@ -23,7 +23,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     with torch.no_grad():
         for ids in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress, unit="batch"):
             ids = ids.to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            logits = model_logits(model, ids)[:, :-1].float()
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
             total_nll += float(nll)
             total_tokens += ids[:, 1:].numel()

@@ -36,6 +36,36 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if not isinstance(module, nn.Linear) else module.weight
 
 
+def call_model(model: nn.Module, ids: torch.Tensor):
+    """Run a language model on token ids: Hugging Face models get ``input_ids=`` and no KV cache, any other
+    module is called as ``model(ids)``."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "input_ids" not in params:
+        return model(ids)
+    extra = {"use_cache": False} if "use_cache" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else {}
+    return model(input_ids=ids, **extra)
+
+
+def model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """[batch, seq, vocab] next-token logits from an HF model (``.logits``) or a module returning a tensor."""
+    out = call_model(model, ids)
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        logits = out[0]
+    if logits is None:
+        raise ModelError(f"{type(model).__name__} returned {type(out).__name__}, not logits: a causal LM must "
+                         "return a [batch, seq, vocab] tensor or an object with .logits")
+    return logits
+
+
 def set_weight_matrix(module: nn.Module, value: torch.Tensor) -> None:
     with torch.no_grad():
         weight_matrix(module).copy_(value.to(module.weight.dtype))
@@ -98,6 +128,10 @@ def load_model(spec: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a model directory (no config.json): pass a HF model directory, "
                              "a .gguf file or 'default'")
+        from .compressed import is_compressed_dir, load_compressed
+
+        if is_compressed_dir(path):  # compressed-tensors sparse checkpoint (sparsecraft export): decompress
+            return load_compressed(path, torch_dtype)
         where = str(path)
     elif path.exists():
         raise ModelError(f"{path} is neither a model directory nor a .gguf file")

@@ -24,7 +24,15 @@ from torch import nn
 
 from .calibrate import columns, model_device, run_sequential
 from .errors import ConfigError
-from .models import Target, find_blocks, resolve_device, select_targets, set_weight_matrix, weight_matrix
+from .models import (
+    Target,
+    find_blocks,
+    model_logits,
+    resolve_device,
+    select_targets,
+    set_weight_matrix,
+    weight_matrix,
+)
 from .recipe import Recipe
 from .registry import get_method
 from .stats import InputStats
@@ -91,7 +99,7 @@ class _Fitness:
             self.dense = [self._logprobs(w.unsqueeze(0)) for w in windows]
 
     def _logprobs(self, ids: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=ids.to(self.device), use_cache=False).logits.float()
+        logits = model_logits(self.model, ids.to(self.device)).float()
         return F.log_softmax(logits, dim=-1)
 
     def __call__(self, count: int | None = None) -> float:
