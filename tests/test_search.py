@@ -75,3 +75,40 @@ def test_cli_search_then_replay_recipe(capsys, llama_dir, text_file, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = json.loads((replay / "sparsecraft.json").read_text())
     assert again["evaluation"]["perplexity"] == meta["evaluation"]["perplexity"]
+
+
+def test_allocation_search_in_recipe(tiny_llama, calib_ids):
+    """allocation=search is an allocation like owl: sparsecraft.prune searches, prunes, and reports the recipe
+    that replays the result (uniform + per-block overrides), which prunes to the same weights."""
+    from conftest import build_model
+
+    _, report = sparsecraft.prune(tiny_llama, calib_ids, method="sparsegpt", sparsity=0.6, allocation="search",
+                                  search_budget="20s", search_fitness_samples=2, progress=False)
+    assert report.search["seconds"] <= 20 and report.search["generations"] >= 1
+    replay = Recipe.from_dict(report.recipe)
+    assert replay.allocation == "uniform" and len(replay.overrides) == 2
+    assert report.sparsity == pytest.approx(0.6, abs=0.01)
+    again = build_model("llama")
+    sparsecraft.prune(again, calib_ids, replay, progress=False)
+    for key, value in tiny_llama.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+
+def test_cli_prune_allocation_search(capsys, llama_dir, text_file, tmp_path):
+    out = tmp_path / "p"
+    rc = main(["prune", "--model", str(llama_dir), "--data", str(text_file), "--nsamples", "4", "--seqlen", "32",
+               "--method", "wanda", "--sparsity", "0.5", "--allocation", "search", "--search-budget", "10s",
+               "--max-eval-windows", "2", "--quiet", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((out / "sparsecraft.json").read_text())
+    assert meta["search"]["budget_s"] == 10 and meta["recipe"]["allocation"] == "uniform"
+    rc = main(["prune", "--model", str(llama_dir), "--allocation", "search", "--search-budget", "soon",
+               "--out", str(tmp_path / "q")])
+    assert rc == 2 and "soon" in capsys.readouterr().err and not (tmp_path / "q").exists()
+
+
+def test_prune_model_refuses_unresolved_search(tiny_llama, calib_ids):
+    from sparsecraft.pruning import prune_model
+
+    with pytest.raises(ConfigError, match="sparsecraft.prune"):
+        prune_model(tiny_llama, calib_ids, Recipe(method="wanda", allocation="search"), progress=False)

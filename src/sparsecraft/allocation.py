@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .models import Target, weight_matrix
 from .stats import InputStats
 
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "search")  # search: resolved by api.prune (search.py) into overrides
 
 
 def uniform(targets: list[Target], sparsity: float) -> dict[str, float]:

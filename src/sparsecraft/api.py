@@ -13,7 +13,7 @@ from .checkpoint import METADATA_FILE, RECIPE_FILE, read_metadata, save_model
 from .data import TextSplits, calibration_batch, evaluation_windows, load_text, tokenize
 from .errors import ConfigError, DataError
 from .evaluate import layer_sparsity, overall_sparsity, perplexity
-from .models import load_model
+from .models import find_blocks, load_model
 from .pruning import PruneReport, prune_model
 from .recipe import Recipe
 
@@ -64,10 +64,41 @@ def prune(model: nn.Module | str, calibration="builtin", recipe: Recipe | dict |
     if isinstance(model, (str, Path)):
         model, loaded_tok = load_model(model)
         tokenizer = tokenizer or loaded_tok
-    ids = calibration_ids(calibration, tokenizer, recipe) if recipe.needs_data else None
+    ids = tokens = None
+    if recipe.needs_data and isinstance(calibration, torch.Tensor):
+        ids = calibration_ids(calibration, tokenizer, recipe)
+    elif recipe.needs_data:
+        tokens = tokenize(tokenizer, _splits(calibration).calibration)
+        ids = calibration_batch(tokens, recipe.nsamples, recipe.seqlen, recipe.seed)
+    search = None
+    if recipe.allocation == "search":
+        recipe, search = _search(model, tokens, ids, recipe, device, progress)
     torch.manual_seed(recipe.seed)
     report = prune_model(model, ids, recipe, device=device, progress=progress)
+    if search is not None:
+        report.seconds += search["seconds"]
+        report.search = search
     return model, report
+
+
+def _search(model, tokens, ids, recipe: Recipe, device, progress: bool) -> tuple[Recipe, dict]:
+    """allocation=search: find per-block sparsities (search.py) and return the recipe that replays them
+    (uniform allocation + overrides), with a summary of the search. Candidates are scored on windows drawn from
+    the calibration text with seed + 1, or, when only token ids were given, on the first calibration windows."""
+    from .search import parse_budget, search_levels, searched_recipe
+
+    budget = parse_budget(recipe.search_budget)
+    if tokens is None:
+        windows = ids[:recipe.search_fitness_samples]
+    else:
+        windows = calibration_batch(tokens, recipe.search_fitness_samples, recipe.seqlen, recipe.seed + 1)
+    result = search_levels(model, ids, windows, recipe, budget, step=recipe.search_step,
+                           max_steps=recipe.search_max_steps, offspring=recipe.search_offspring, device=device,
+                           progress=progress)
+    summary = {"budget_s": budget, "seconds": result.seconds, "generations": result.generations,
+               "evaluations": result.evaluations, "kl": result.fitness, "uniform_kl": result.uniform_fitness,
+               "levels": {str(k): v for k, v in result.levels.items()}, "history": result.history}
+    return searched_recipe(recipe, result, find_blocks(model)[0]), summary
 
 
 def evaluate(model: nn.Module, data="builtin", *, tokenizer=None, seqlen: int = 512, batch_size: int = 4,

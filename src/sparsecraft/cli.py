@@ -34,14 +34,19 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="calibration windows per forward (default 8)")
     p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening, fraction of mean diag(H)")
     p.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block size (default 128)")
-    p.add_argument("--allocation", default=None, choices=["uniform", "owl"],
-                   help="per-layer sparsity: uniform (default) or owl (outlier-weighed, overall sparsity kept)")
+    p.add_argument("--allocation", default=None, choices=["uniform", "owl", "search"],
+                   help="per-layer sparsity: uniform (default), owl (outlier-weighed) or search (evolutionary, KL to "
+                        "the dense model, see `sparsecraft search`); the overall sparsity is kept exact")
+    p.add_argument("--search-budget", default=None, help="allocation=search: time for the search (90s, 20m, 1h)")
     p.add_argument("--owl-lambda", type=float, default=None, help="OWL spread: layer sparsity in s +- lambda (0.08)")
     p.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold, x mean score (5)")
     p.add_argument("--refine", default=None,
                    help="refinements after the method, comma-separated, in order: dsnot (mask), refit (weights)")
     p.add_argument("--dense-targets", action="store_true", default=None,
                    help="reconstruct each layer towards the dense model's outputs (corrects earlier blocks' error)")
+    p.add_argument("--permute", action="store_true", default=None,
+                   help="N:M only: permute input channels so the mask keeps more importance, folded exactly into "
+                        "the producer layers (MLP down_proj <- gate/up, fc2 <- fc1); the model stays drop-in")
     p.add_argument("--dsnot-cycles", type=int, default=None, help="DSnoT: at most this many swaps per row (50)")
     p.add_argument("--dsnot-threshold", type=float, default=None, help="DSnoT: stop a row at |shift| <= this (0.1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
@@ -59,13 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_args(p)
     _add_data_args(p)
 
-    s = sub.add_parser("search", help="search per-block sparsities (evolutionary, KL to the dense model), then prune")
+    s = sub.add_parser("search", help="search per-block sparsities (evolutionary, KL to the dense model), then prune "
+                                      "(= prune --allocation search)")
     _add_prune_args(s)
-    s.add_argument("--budget", default="20m", help="time for the search (database + evolution): 90s, 20m, 1h")
-    s.add_argument("--step", type=float, default=0.05, help="sparsity step between a block's levels (0.05)")
-    s.add_argument("--max-steps", type=int, default=3, help="levels on each side of the target (3)")
-    s.add_argument("--fitness-samples", type=int, default=4, help="calibration windows scoring each candidate (4)")
-    s.add_argument("--offspring", type=int, default=8, help="candidates per generation (8)")
+    s.add_argument("--budget", default=None, help="time for the search (database + evolution): 90s, 20m (default), 1h")
+    s.add_argument("--step", type=float, default=None, help="sparsity step between a block's levels (0.05)")
+    s.add_argument("--max-steps", type=int, default=None, help="levels on each side of the target (3)")
+    s.add_argument("--fitness-samples", type=int, default=None, help="calibration windows scoring each candidate (4)")
+    s.add_argument("--offspring", type=int, default=None, help="candidates per generation (8)")
     _add_data_args(s)
 
     e = sub.add_parser("eval", help="perplexity and sparsity of a model")
@@ -86,7 +92,8 @@ def _recipe(args):
         ignore=args.ignore, data=args.data, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
         batch_size=args.batch_size, damp=args.damp, blocksize=args.blocksize, allocation=args.allocation,
         owl_lambda=args.owl_lambda, owl_m=args.owl_m, refine=args.refine, dsnot_cycles=args.dsnot_cycles,
-        dsnot_threshold=args.dsnot_threshold, dense_targets=args.dense_targets,
+        dsnot_threshold=args.dsnot_threshold, dense_targets=args.dense_targets, permute=args.permute,
+        search_budget=args.search_budget,
     )
 
 
@@ -95,18 +102,15 @@ def cmd_prune(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from .search import parse_budget
+    from . import api
 
-    recipe = _recipe(args)
-    budget = parse_budget(args.budget)
-    if args.fitness_samples < 1 or args.offspring < 1 or args.max_steps < 1 or not 0 < args.step < 1:
-        from .errors import ConfigError
-
-        raise ConfigError("--fitness-samples, --offspring and --max-steps must be >= 1 and --step in (0, 1)")
-    return _prune(args, recipe, search_budget=budget)
+    recipe = api.make_recipe(_recipe(args), allocation="search", search_budget=args.budget, search_step=args.step,
+                             search_max_steps=args.max_steps, search_fitness_samples=args.fitness_samples,
+                             search_offspring=args.offspring)
+    return _prune(args, recipe)
 
 
-def _prune(args, recipe, search_budget: float | None = None) -> int:
+def _prune(args, recipe) -> int:
     """Load, (search,) prune, evaluate, save and print the table — shared by `prune` and `search`."""
     from . import api
     from .checkpoint import check_output
@@ -120,7 +124,6 @@ def _prune(args, recipe, search_budget: float | None = None) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(device)
     splits = api.load_text(recipe.data)
-    ids = api.calibration_ids(splits, tokenizer, recipe) if recipe.needs_data or search_budget else None
     load_s = time.perf_counter() - t0
 
     def evaluate() -> dict:
@@ -128,29 +131,19 @@ def _prune(args, recipe, search_budget: float | None = None) -> int:
                             batch_size=args.eval_batch_size, max_windows=args.max_eval_windows, progress=progress)
 
     dense = None if args.no_eval else evaluate()
-    extra: dict = {}
-    if search_budget is not None:
-        from .search import search_recipe
-
-        recipe, result = search_recipe(model, tokenizer, splits.calibration, ids, recipe, search_budget,
-                                       args.fitness_samples, step=args.step, max_steps=args.max_steps,
-                                       offspring=args.offspring, device=device, progress=progress)
-        extra["search"] = {
-            "budget_s": search_budget, "seconds": result.seconds, "generations": result.generations,
-            "evaluations": result.evaluations, "kl": result.fitness, "uniform_kl": result.uniform_fitness,
-            "levels": {str(k): v for k, v in result.levels.items()}, "history": result.history,
-        }
-        print(f"search: {result.generations} generations, {result.evaluations} evaluations in {result.seconds:.0f}s "
-              f"(budget {search_budget:.0f}s); KL to dense {result.uniform_fitness:.4f} (uniform) -> "
-              f"{result.fitness:.4f}")
-    _, report = api.prune(model, ids, recipe, device=device, progress=progress)
+    _, report = api.prune(model, splits, recipe, tokenizer=tokenizer, device=device, progress=progress)
+    if report.search:
+        found = report.search
+        print(f"search: {found['generations']} generations, {found['evaluations']} evaluations in "
+              f"{found['seconds']:.0f}s (budget {found['budget_s']:.0f}s); KL to dense {found['uniform_kl']:.4f} "
+              f"(uniform) -> {found['kl']:.4f}")
     sparse = None if args.no_eval else evaluate()
     evaluation = None
     if sparse is not None:
         evaluation = {"data": recipe.data, "seqlen": recipe.seqlen, "windows": sparse["windows"],
                       "dense_perplexity": dense["perplexity"], "perplexity": sparse["perplexity"]}
     api.save(model, out, tokenizer=tokenizer, report=report, evaluation=evaluation, source=str(args.model),
-             force=args.force, extra=extra)
+             force=args.force)
     rows = []
     if dense is not None:
         rows.append(["dense", "-", f"{dense['sparsity']:.2%}", dense["perplexity"], "-"])

@@ -11,7 +11,7 @@ from torch import nn
 from . import permute
 from .allocation import apply_overrides, owl, uniform
 from .calibrate import columns, run_sequential
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .models import Target, find_blocks, resolve_device, select_targets, set_weight_matrix, weight_matrix
 from .patterns import check_columns
 from .recipe import Recipe
@@ -41,6 +41,7 @@ class PruneReport:
     recipe: dict
     layers: list[LayerResult] = field(default_factory=list)
     seconds: float = 0.0
+    search: dict | None = None  # with allocation=search: what the search found and how long it took
 
     @property
     def sparsity(self) -> float:
@@ -50,6 +51,7 @@ class PruneReport:
     def to_dict(self) -> dict:
         return {
             "recipe": self.recipe,
+            **({"search": self.search} if self.search else {}),
             "seconds": round(self.seconds, 3),
             "sparsity": self.sparsity,
             "layers": {
@@ -79,6 +81,9 @@ def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Reci
                 device: str | torch.device | None = None, progress: bool = True) -> PruneReport:
     """Prune `model` in place following `recipe`; `calibration` is a [nsamples, seqlen] LongTensor of
     token ids (unused when nothing in the recipe needs data)."""
+    if recipe.allocation == "search":
+        raise ConfigError("allocation 'search' is resolved by sparsecraft.prune (it searches, then calls "
+                          "prune_model with the found overrides); call sparsecraft.prune or use 'uniform'/'owl'")
     method = get_method(recipe.method)
     refiners = [get_refiner(name) for name in recipe.refine]
     pattern = recipe.parsed_pattern

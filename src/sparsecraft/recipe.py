@@ -32,7 +32,7 @@ class Recipe:
     batch_size: int = 8
     damp: float = 0.01
     blocksize: int = 128
-    allocation: str = "uniform"  # uniform | owl
+    allocation: str = "uniform"  # uniform | owl | search (replaced by the found per-block overrides when run)
     owl_lambda: float = 0.08
     owl_m: float = 5.0
     overrides: dict[str, float] = field(default_factory=dict)  # {layer-name regex: sparsity}
@@ -41,6 +41,11 @@ class Recipe:
     dsnot_cycles: int = 50
     dsnot_threshold: float = 0.1
     permute: bool = False  # N:M only: input-channel permutation folded into producer layers (permute.py)
+    search_budget: str = "20m"  # allocation=search: wall time for database + evolution (90s, 20m, 1h)
+    search_step: float = 0.05  # sparsity step between a block's levels
+    search_max_steps: int = 3  # levels on each side of the target sparsity
+    search_fitness_samples: int = 4  # calibration windows scoring each candidate (KL to the dense model)
+    search_offspring: int = 8  # candidates per generation
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +94,13 @@ class Recipe:
         if self.permute and not pattern.is_nm:
             raise ConfigError("permute reorders input channels so an N:M mask keeps more; it needs an N:M "
                               "--pattern such as 2:4 (unstructured masks do not depend on channel order)")
+        if self.allocation == "search":
+            from .search import parse_budget
+
+            parse_budget(self.search_budget)
+        self.search_budget = str(self.search_budget)
+        if not 0.0 < float(self.search_step) < 1.0:
+            raise ConfigError(f"search_step must be in (0, 1), got {self.search_step}")
         if not 0.0 <= float(self.owl_lambda) < 0.5:
             raise ConfigError(f"owl_lambda must be in [0, 0.5), got {self.owl_lambda}")
         if not float(self.owl_m) > 0:
@@ -100,7 +112,8 @@ class Recipe:
             raise ConfigError(f"dsnot_cycles must be a non-negative integer, got {self.dsnot_cycles!r}")
         if float(self.dsnot_threshold) < 0:
             raise ConfigError(f"dsnot_threshold must be >= 0, got {self.dsnot_threshold}")
-        for name in ("nsamples", "seqlen", "batch_size", "blocksize"):
+        for name in ("nsamples", "seqlen", "batch_size", "blocksize", "search_max_steps", "search_fitness_samples",
+                     "search_offspring"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
