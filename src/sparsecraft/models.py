@@ -128,10 +128,6 @@ def load_model(spec: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a model directory (no config.json): pass a HF model directory, "
                              "a .gguf file or 'default'")
-        from .compressed import is_compressed_dir, load_compressed
-
-        if is_compressed_dir(path):  # compressed-tensors sparse checkpoint (sparsecraft export): decompress
-            return load_compressed(path, torch_dtype)
         where = str(path)
     elif path.exists():
         raise ModelError(f"{path} is neither a model directory nor a .gguf file")
