@@ -173,27 +173,40 @@ def search_levels(model: nn.Module, calibration: torch.Tensor, fitness_windows: 
         generations = evaluations = 0
         bar = tqdm(total=round(budget_s), desc="search", unit="s", disable=not progress)
         per_window = full / max(len(fitness_windows), 1)
-        last_generation = offspring * screen_windows * per_window + survivors * full  # estimate until measured
-        while time.perf_counter() - start + last_generation < budget_s:  # never start one that would overrun
-            began = time.perf_counter()
+        cost = {"screen": screen_windows * per_window, "full": full}  # worst seen so far, per evaluation kind
+
+        def affordable(kind: str) -> bool:
+            """Start an evaluation only if it ends inside the budget even if it runs 1.5x the slowest so far."""
+            return time.perf_counter() - start + 1.5 * cost[kind] < budget_s
+
+        def timed(kind: str, count: int | None) -> float:
+            t = time.perf_counter()
+            value = fitness(count)
+            cost[kind] = max(cost[kind], time.perf_counter() - t)
+            return value
+
+        while affordable("full"):
             children = [mutate(best, rng) for _ in range(offspring)]
             children = [c for c in children if c != best]
             if not children:
                 continue
             screened = []
             for child in children:
+                if not affordable("screen"):
+                    break
                 apply(child)
-                screened.append((fitness(screen_windows), child))
+                screened.append((timed("screen", screen_windows), child))
                 evaluations += 1
             screened.sort(key=lambda x: x[0])
             for _, child in screened[:survivors]:
+                if not affordable("full"):
+                    break
                 apply(child)
-                score = fitness()
+                score = timed("full", None)
                 evaluations += 1
                 if score < best_fit:
                     best, best_fit = child, score
             generations += 1
-            last_generation = max(last_generation, 1.25 * (time.perf_counter() - began))
             history.append((time.perf_counter() - start, best_fit))
             bar.n = min(round(time.perf_counter() - start), bar.total)
             bar.set_postfix(kl=f"{best_fit:.4f}", gen=generations)
