@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--layers", action="store_true", help="print the per-layer sparsity table")
     e.add_argument("--dtype", default=None)
     _add_data_args(e)
+
+    from .cli_report import add_parsers  # `sweep` and `report`
+
+    add_parsers(sub, _add_prune_args, _add_data_args)
     return parser
 
 
@@ -189,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:  # also silence transformers' own bars ("Loading weights")
         hf_logging.disable_progress_bar()
     try:
-        return {"prune": cmd_prune, "search": cmd_search, "eval": cmd_eval}[args.command](args)
+        from .cli_report import cmd_report, cmd_sweep
+
+        return {"prune": cmd_prune, "search": cmd_search, "eval": cmd_eval, "sweep": cmd_sweep,
+                "report": cmd_report}[args.command](args)
     except SparsecraftError as exc:
         print(f"sparsecraft: error: {exc}", file=sys.stderr)
         return 2
