@@ -1,9 +1,10 @@
 """sparsecraft: make neural networks sparse, smaller and faster without losing their quality."""
 
 from ._version import __version__
-from .api import evaluate, load, prune, save
+from .api import evaluate, export, load, prune, save
 from .data import load_text
 from .errors import SparsecraftError
+from .kernels import densify_model, sparsify_model
 from .models import load_model, select_targets
 from .patterns import Pattern
 from .recipe import Recipe
@@ -14,7 +15,9 @@ __all__ = [
     "Recipe",
     "SparsecraftError",
     "__version__",
+    "densify_model",
     "evaluate",
+    "export",
     "load",
     "load_model",
     "load_text",
@@ -22,4 +25,5 @@ __all__ = [
     "prune",
     "save",
     "select_targets",
+    "sparsify_model",
 ]

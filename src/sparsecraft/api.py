@@ -140,12 +140,40 @@ def save(model: nn.Module, path: str | Path, *, tokenizer=None, report: PruneRep
     return save_model(model, path, tokenizer=tokenizer, metadata=metadata, force=force, files=files)
 
 
-def load(path: str | Path, dtype: str | torch.dtype | None = None) -> nn.Module:
-    """Load a model saved by `save` (or any model spec `load_model` accepts); metadata in `.sparsecraft`."""
+def load(path: str | Path, dtype: str | torch.dtype | None = None, kernels: bool | None = None) -> nn.Module:
+    """Load a model saved by `save` (or any model spec `load_model` accepts); metadata in `.sparsecraft`.
+
+    `kernels`: run the linear layers on sparsecraft's CPU sparse kernels (`sparsecraft.kernels.SparseLinear`;
+    sparse layers packed as bitmask + values). None (default): yes for compressed-tensors directories when the
+    kernels are built (with a warning when they are not), no otherwise. The model's state_dict is unchanged.
+    """
     model, tokenizer = load_model(path, dtype=dtype)
     model.sparsecraft = read_metadata(path) if Path(path).is_dir() else {}
     model.tokenizer = tokenizer
+    _kernels_hook(model, path, kernels)
     return model
 
 
-__all__ = ["METADATA_FILE", "calibration_ids", "evaluate", "load", "make_recipe", "peak_rss_mb", "prune", "save"]
+def _kernels_hook(model: nn.Module, path: str | Path, kernels: bool | None) -> None:
+    """After loading: swap linear layers for SparseLinear when asked (or by default for compressed directories)."""
+    from . import kernels as sk
+
+    if kernels:
+        sk.sparsify_model(model)
+    elif kernels is None and Path(path).is_dir():
+        from .compressed import is_compressed_dir
+
+        if is_compressed_dir(path):
+            sk.sparsify_if_available(model)
+
+
+def export(src: str | Path, out: str | Path, format: str = "bitmask", *, force: bool = False):
+    """Write the model directory `src` to `out` in a compressed-tensors sparse format: 'bitmask' (sparse-bitmask,
+    any sparsity) or '2:4' (sparse-24-bitmask). `load` reads it back bit for bit. Returns an ExportReport."""
+    from .compressed import export as _export
+
+    return _export(src, out, format, force=force)
+
+
+__all__ = ["METADATA_FILE", "calibration_ids", "evaluate", "export", "load", "make_recipe", "peak_rss_mb", "prune",
+           "save"]

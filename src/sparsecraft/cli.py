@@ -82,9 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default=None)
     _add_data_args(e)
 
+    x = sub.add_parser("export", help="write a pruned model in a compressed-tensors sparse format (smaller files)")
+    x.add_argument("src", help="sparsecraft output or HF model directory")
+    x.add_argument("--format", default="bitmask", help="bitmask (sparse-bitmask, any sparsity; default) or 2:4 "
+                                                       "(sparse-24-bitmask, every pruned layer must be 2:4)")
+    x.add_argument("--out", required=True, help="output directory (written atomically)")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
+
     from .cli_report import add_parsers  # `sweep` and `report`
 
     add_parsers(sub, _add_prune_args, _add_data_args)
+
+    from .cli_kernels import add_parsers as add_kernel_parsers  # `bench` and `generate` (CPU sparse kernels)
+
+    add_kernel_parsers(sub)
     return parser
 
 
@@ -184,6 +196,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .compressed import export
+
+    t0 = time.perf_counter()
+    r = export(args.src, args.out, args.format, force=args.force)
+    ratio = r.stored_bytes / r.dense_bytes if r.dense_bytes else 0.0
+    print(f"{r.format}: {len(r.layers)} layers compressed, {len(r.dense_layers)} kept dense; tensors "
+          f"{r.dense_bytes / 2**20:.2f} MiB dense -> {r.stored_bytes / 2**20:.2f} MiB ({ratio:.1%}) in "
+          f"{time.perf_counter() - t0:.1f}s; saved to {r.path} (sparsecraft.load / sparsecraft eval read it)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -193,10 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:  # also silence transformers' own bars ("Loading weights")
         hf_logging.disable_progress_bar()
     try:
+        from .cli_kernels import cmd_bench, cmd_generate
         from .cli_report import cmd_report, cmd_sweep
 
         return {"prune": cmd_prune, "search": cmd_search, "eval": cmd_eval, "sweep": cmd_sweep,
-                "report": cmd_report}[args.command](args)
+                "report": cmd_report, "export": cmd_export, "bench": cmd_bench,
+                "generate": cmd_generate}[args.command](args)
     except SparsecraftError as exc:
         print(f"sparsecraft: error: {exc}", file=sys.stderr)
         return 2

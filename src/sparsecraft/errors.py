@@ -19,3 +19,7 @@ class DataError(SparsecraftError):
 
 class OutputError(SparsecraftError):
     """An output path cannot be written (exists without --force, ...)."""
+
+
+class KernelError(SparsecraftError):
+    """The sparse kernels are not built, or were given an input they cannot run (dtype, device, shape)."""

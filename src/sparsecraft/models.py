@@ -67,8 +67,10 @@ def model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def set_weight_matrix(module: nn.Module, value: torch.Tensor) -> None:
+    """Write a [out, in] weight; pruned -0.0 entries become +0.0 (x + 0.0 changes nothing else), so formats that
+    store zeros implicitly round-trip bit for bit."""
     with torch.no_grad():
-        weight_matrix(module).copy_(value.to(module.weight.dtype))
+        weight_matrix(module).copy_(value.to(module.weight.dtype) + 0.0)
 
 
 def default_model_file() -> Path:
@@ -128,6 +130,10 @@ def load_model(spec: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a model directory (no config.json): pass a HF model directory, "
                              "a .gguf file or 'default'")
+        from .compressed import is_compressed_dir, load_compressed
+
+        if is_compressed_dir(path):  # compressed-tensors sparse checkpoint (sparsecraft export): decompress
+            return load_compressed(path, torch_dtype)
         where = str(path)
     elif path.exists():
         raise ModelError(f"{path} is neither a model directory nor a .gguf file")

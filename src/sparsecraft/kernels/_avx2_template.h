@@ -1,0 +1,211 @@
+/* AVX2 + FMA kernels for one weight dtype; included by _sparsekernels.c once per dtype with
+ *   SFX            name suffix (f32, bf16, f16)
+ *   WT             stored element type (float or uint16_t)
+ *   EXPANDI(p, o)  __m256: the popcount(m) packed values at p placed at the set bits of mask byte m = o / 32, zeros
+ *                  elsewhere (o = LUTOFF(word, b), the byte offset of m's LUT row)
+ *   LOAD8(p)       __m256: 8 consecutive stored values at p converted to fp32
+ * Every function here is compiled for avx2/fma/f16c/popcnt and only called after a runtime CPU check. */
+
+#define CAT_(a, b) a##_##b
+#define CAT(a, b) CAT_(a, b)
+#define FN(name) CAT(name, SFX)
+
+/* ---- bitmask, one x row (decode GEMV): two weight rows at a time, two accumulators each ----
+ * Per mask byte: LUTOFF(word, b) is byte b times 32 (the LUT row offset, 32-byte rows), its popcount
+ * advances the value cursor. Loads per byte: LUT row, values and half an x chunk (shared by the two rows). */
+SC_AVX2 SC_NOINLINE static void FN(bm_gemv_pair)(const float *x, const uint64_t *m0, const uint64_t *m1,
+                                                 const WT *v0, const WT *v1, int64_t words, float *o0, float *o1) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    for (int64_t w = 0; w < words; ++w) {
+        const uint64_t u0 = m0[w], u1 = m1[w];
+        const float *xp = x + w * 64;
+        /* the value cursors depend on the mask words, so the out-of-order core cannot run far ahead by itself */
+        _mm_prefetch((const char *)v0 + SC_PF_VALUES, _MM_HINT_T0);
+        _mm_prefetch((const char *)v1 + SC_PF_VALUES, _MM_HINT_T0);
+        _mm_prefetch((const char *)(m0 + w) + SC_PF_MASK, _MM_HINT_T0);
+        _mm_prefetch((const char *)(m1 + w) + SC_PF_MASK, _MM_HINT_T0);
+#define STEP(B, A, BB)                                                         \
+    {                                                                          \
+        uint64_t i0 = LUTOFF(u0, B), i1 = LUTOFF(u1, B);                     \
+        __m256 xv = _mm256_loadu_ps(xp + 8 * B);                               \
+        __asm__("" : "+x"(xv)); /* one x load for both rows, not one per FMA */ \
+        A = _mm256_fmadd_ps(EXPANDI(v0, i0), xv, A);                           \
+        v0 += _mm_popcnt_u64(i0);                                              \
+        BB = _mm256_fmadd_ps(EXPANDI(v1, i1), xv, BB);                         \
+        v1 += _mm_popcnt_u64(i1);                                              \
+    }
+        STEP(0, a0, b0) STEP(1, a1, b1) STEP(2, a0, b0) STEP(3, a1, b1)
+        STEP(4, a0, b0) STEP(5, a1, b1) STEP(6, a0, b0) STEP(7, a1, b1)
+#undef STEP
+    }
+    *o0 = hsum256(_mm256_add_ps(a0, a1));
+    *o1 = hsum256(_mm256_add_ps(b0, b1));
+}
+
+/* ---- bitmask, tile of TM = 6 x rows (stride xs) x 2 weight rows over mask words [wa, wb) ----
+ * acc[i*2+j] += x row i . weight row j (12 accumulators: each expanded weight chunk feeds 6 FMAs); the two value
+ * cursors advance past the consumed values. */
+#define FMA6(W0, W1)                                                           \
+    {                                                                          \
+        __m256 xv = _mm256_loadu_ps(xb);                                       \
+        c00 = _mm256_fmadd_ps(W0, xv, c00); c01 = _mm256_fmadd_ps(W1, xv, c01); \
+        xv = _mm256_loadu_ps(xb + xs);                                         \
+        c10 = _mm256_fmadd_ps(W0, xv, c10); c11 = _mm256_fmadd_ps(W1, xv, c11); \
+        xv = _mm256_loadu_ps(xb + 2 * xs);                                     \
+        c20 = _mm256_fmadd_ps(W0, xv, c20); c21 = _mm256_fmadd_ps(W1, xv, c21); \
+        xv = _mm256_loadu_ps(xb + 3 * xs);                                     \
+        c30 = _mm256_fmadd_ps(W0, xv, c30); c31 = _mm256_fmadd_ps(W1, xv, c31); \
+        xv = _mm256_loadu_ps(xb + 4 * xs);                                     \
+        c40 = _mm256_fmadd_ps(W0, xv, c40); c41 = _mm256_fmadd_ps(W1, xv, c41); \
+        xv = _mm256_loadu_ps(xb + 5 * xs);                                     \
+        c50 = _mm256_fmadd_ps(W0, xv, c50); c51 = _mm256_fmadd_ps(W1, xv, c51); \
+    }
+#define ACC_IN                                                                 \
+    __m256 c00 = acc[0], c01 = acc[1], c10 = acc[2], c11 = acc[3], c20 = acc[4], c21 = acc[5]; \
+    __m256 c30 = acc[6], c31 = acc[7], c40 = acc[8], c41 = acc[9], c50 = acc[10], c51 = acc[11];
+#define ACC_OUT                                                                \
+    acc[0] = c00; acc[1] = c01; acc[2] = c10; acc[3] = c11; acc[4] = c20; acc[5] = c21; \
+    acc[6] = c30; acc[7] = c31; acc[8] = c40; acc[9] = c41; acc[10] = c50; acc[11] = c51;
+
+SC_AVX2 SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const uint64_t *m0, const uint64_t *m1,
+                                            const WT **pv0, const WT **pv1, int64_t wa, int64_t wb, __m256 *acc) {
+    const WT *v0 = *pv0, *v1 = *pv1;
+    ACC_IN
+    for (int64_t w = wa; w < wb; ++w) {
+        uint64_t u0 = m0[w], u1 = m1[w];
+        const float *xp = x + w * 64;
+#define STEP(B)                                                                \
+    {                                                                          \
+        uint64_t q0 = LUTOFF(u0, B), q1 = LUTOFF(u1, B);                       \
+        __m256 w0 = EXPANDI(v0, q0), w1 = EXPANDI(v1, q1);                     \
+        v0 += _mm_popcnt_u64(q0);                                              \
+        v1 += _mm_popcnt_u64(q1);                                              \
+        const float *xb = xp + 8 * B;                                          \
+        FMA6(w0, w1)                                                           \
+    }
+        STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5) STEP(6) STEP(7)
+#undef STEP
+    }
+    ACC_OUT
+    *pv0 = v0;
+    *pv1 = v1;
+}
+
+/* ---- dense, one x row: two weight rows, elements [0, k8) with k8 a multiple of 8 ---- */
+SC_AVX2 SC_NOINLINE static void FN(dn_gemv_pair)(const float *x, const WT *r0, const WT *r1, int64_t k8, float *o0,
+                                     float *o1) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= k8; k += 16) {
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+        a0 = _mm256_fmadd_ps(LOAD8(r0 + k), x0, a0);
+        b0 = _mm256_fmadd_ps(LOAD8(r1 + k), x0, b0);
+        a1 = _mm256_fmadd_ps(LOAD8(r0 + k + 8), x1, a1);
+        b1 = _mm256_fmadd_ps(LOAD8(r1 + k + 8), x1, b1);
+    }
+    for (; k < k8; k += 8) {
+        __m256 x0 = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(LOAD8(r0 + k), x0, a0);
+        b0 = _mm256_fmadd_ps(LOAD8(r1 + k), x0, b0);
+    }
+    *o0 = hsum256(_mm256_add_ps(a0, a1));
+    *o1 = hsum256(_mm256_add_ps(b0, b1));
+}
+
+/* ---- dense, tile of TM = 6 x rows x 2 weight rows over elements [ka, kb) (multiples of 8) ---- */
+SC_AVX2 SC_NOINLINE static void FN(dn_tile)(const float *x, int64_t xs, const WT *r0, const WT *r1, int64_t ka,
+                                            int64_t kb, __m256 *acc) {
+    ACC_IN
+    for (int64_t k = ka; k < kb; k += 8) {
+        __m256 w0 = LOAD8(r0 + k), w1 = LOAD8(r1 + k);
+        const float *xb = x + k;
+        FMA6(w0, w1)
+    }
+    ACC_OUT
+}
+#undef FMA6
+#undef ACC_IN
+#undef ACC_OUT
+
+/* ---- one thread's share: output rows [r0, r1) for all M x rows ---- */
+SC_AVX2 static void FN(run_avx2)(const Job *j, int64_t r0, int64_t r1) {
+    const int bitmask = j->format == FMT_BITMASK;
+    const WT *vals = (const WT *)j->w;
+    const int64_t words = j->words, kp = words * 64, k8 = j->K & ~(int64_t)7;
+    if (j->M == 1) {
+        const float *x = j->xf;
+        for (int64_t r = r0; r < r1; r += 2) {
+            int64_t s = r + 1 < r1 ? r + 1 : r; /* odd tail: compute the last row twice */
+            float o0, o1;
+            if (bitmask) {
+                FN(bm_gemv_pair)(x, j->mask + r * words, j->mask + s * words, vals + j->rowptr[r],
+                                 vals + j->rowptr[s], words, &o0, &o1);
+            } else {
+                FN(dn_gemv_pair)(x, vals + r * j->wstride, vals + s * j->wstride, k8, &o0, &o1);
+                for (int64_t k = k8; k < j->K; ++k) {
+                    o0 += CAT(to_f32, SFX)(vals[r * j->wstride + k]) * x[k];
+                    o1 += CAT(to_f32, SFX)(vals[s * j->wstride + k]) * x[k];
+                }
+            }
+            store_out(j, 0, r, o0);
+            if (s != r) store_out(j, 0, s, o1);
+        }
+        return;
+    }
+    /* GEMM: blocks of RB output rows; K in blocks of KBW words (x tile stays in L1); x in tiles of TM rows */
+    enum { RB = 16, KBW = 16, NACC = 2 * TM };
+    const int64_t tiles = (j->M + TM - 1) / TM;
+    __m256 *acc = (__m256 *)sc_aligned_alloc((size_t)tiles * (RB / 2) * NACC * sizeof(__m256));
+    if (!acc) return;
+    const WT *cur[RB], *nxt[RB];
+    for (int64_t rb = r0; rb < r1; rb += RB) {
+        int64_t re = rb + RB < r1 ? rb + RB : r1, npairs = (re - rb + 1) / 2;
+        memset(acc, 0, (size_t)tiles * (RB / 2) * NACC * sizeof(__m256));
+        if (bitmask)
+            for (int64_t r = rb; r < re; ++r) cur[r - rb] = vals + j->rowptr[r];
+        int64_t kend = bitmask ? words : k8, kstep = bitmask ? KBW : KBW * 64;
+        for (int64_t ka = 0; ka < kend; ka += kstep) {
+            int64_t kb = ka + kstep < kend ? ka + kstep : kend;
+            /* x tile outermost: its 4 rows x KBW words stay in L1 while the weight block (in L2) streams by */
+            for (int64_t t = 0; t < tiles; ++t) {
+                const float *xt = j->xf + t * TM * kp;
+                for (int64_t p = 0; p < npairs; ++p) {
+                    int64_t ra = rb + 2 * p, rs = ra + 1 < re ? ra + 1 : ra;
+                    __m256 *a = acc + (t * (RB / 2) + p) * NACC;
+                    if (bitmask) {
+                        const WT *v0 = cur[ra - rb], *v1 = cur[rs - rb];
+                        FN(bm_tile)(xt, kp, j->mask + ra * words, j->mask + rs * words, &v0, &v1, ka, kb, a);
+                        if (t == tiles - 1) {
+                            nxt[ra - rb] = v0;
+                            nxt[rs - rb] = v1;
+                        }
+                    } else {
+                        FN(dn_tile)(xt, kp, vals + ra * j->wstride, vals + rs * j->wstride, ka, kb, a);
+                    }
+                }
+            }
+            if (bitmask) memcpy(cur, nxt, sizeof(cur));
+        }
+        for (int64_t p = 0; p < npairs; ++p) {
+            int64_t ra = rb + 2 * p, rs = ra + 1 < re ? ra + 1 : ra;
+            for (int64_t m = 0; m < j->M; ++m) {
+                const __m256 *a = acc + ((m / TM) * (RB / 2) + p) * NACC + (m % TM) * 2;
+                float o0 = hsum256(a[0]), o1 = hsum256(a[1]);
+                if (!bitmask) {
+                    const float *x = j->xf + m * kp;
+                    for (int64_t k = k8; k < j->K; ++k) {
+                        o0 += CAT(to_f32, SFX)(vals[ra * j->wstride + k]) * x[k];
+                        o1 += CAT(to_f32, SFX)(vals[rs * j->wstride + k]) * x[k];
+                    }
+                }
+                store_out(j, m, ra, o0);
+                if (rs != ra) store_out(j, m, rs, o1);
+            }
+        }
+    }
+    sc_aligned_free(acc);
+}
+
+#undef FN
+#undef CAT
+#undef CAT_

@@ -1,0 +1,404 @@
+"""SparseLinear: an inference-only replacement for nn.Linear / Conv1D running on sparsecraft's CPU kernels.
+
+A layer is stored in one of two formats:
+
+* ``bitmask``: per output row, ceil(K / 64) uint64 mask words (bit k of word w = input column 64 w + k) and the
+  row's nonzero values packed contiguously in the model's dtype, plus row offsets. At 50% sparsity a bf16 layer
+  reads 9/16 of the dense bytes, at 70% 29/80. The kernels expand each mask byte into 8 lanes with one shuffle
+  (AVX2) and multiply by the dense activations in float32.
+* ``dense``: the original weight, multiplied by the same kernels' dense path (faster than torch's bf16 GEMV on
+  CPUs without native bf16 instructions). The weight Parameter is kept as is, so tied weights stay tied.
+
+The kernels compute y = x Wᵀ + b for any number of rows of x (decode GEMV is one row; prefill processes the rows
+in tiles of 6, so a block of weight rows is read from memory once and reused from cache for every tile) in float32,
+bfloat16 or float16. Packed buffers of 4 MiB or more ask Linux for transparent huge pages before they are filled
+(fewer TLB misses while streaming; SPARSECRAFT_HUGEPAGES=0 turns that off).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..errors import KernelError
+
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+FORMATS = {"dense": 0, "bitmask": 1}
+PATHS = {"auto": 0, "scalar": 1, "avx2": 2}
+PATH_ENV = "SPARSECRAFT_KERNEL_PATH"
+VALUE_PADDING = 16  # the AVX2 path loads up to 16 values past a row's last one
+HUGEPAGES = os.environ.get("SPARSECRAFT_HUGEPAGES", "1") != "0"  # packed buffers >= 4 MiB: MADV_HUGEPAGE
+
+_ext = None
+_ext_error: str | None = None
+_ext_lock = threading.Lock()
+_path = os.environ.get(PATH_ENV, "auto")
+_path_value: int | None = None  # PATHS[_path] once checked
+
+
+def _load():
+    global _ext, _ext_error
+    if _ext is not None or _ext_error is not None:
+        return _ext
+    with _ext_lock:
+        if _ext is None and _ext_error is None:
+            try:
+                from . import _sparsekernels  # built by setup.py; links (torch's) libgomp
+
+                _ext = _sparsekernels
+            except ImportError as exc:
+                _ext_error = str(exc) or type(exc).__name__
+    return _ext
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used in this installation."""
+    return _load() is not None
+
+
+def require():
+    """The compiled extension module, or a KernelError explaining how to build it."""
+    ext = _load()
+    if ext is None:
+        raise KernelError(
+            f"sparsecraft's CPU kernels are not built in this installation ({_ext_error}): install a C compiler "
+            "(e.g. `apt-get install build-essential` or Xcode's command line tools) and reinstall sparsecraft "
+            "(`pip install -e .` or `pip install --force-reinstall --no-deps sparsecraft`)"
+        )
+    return ext
+
+
+def info() -> dict:
+    """Build and CPU facts: {'built', 'avx2', 'openmp', 'max_threads', 'path', 'error'}."""
+    ext = _load()
+    facts = dict(ext.info()) if ext is not None else {"avx2": 0, "openmp": 0, "max_threads": 1}
+    return {"built": ext is not None, **{k: bool(v) if k != "max_threads" else v for k, v in facts.items()},
+            "path": get_path(), "error": _ext_error}
+
+
+def get_path() -> str:
+    """The kernel path in use: 'auto' (AVX2 when the CPU has it, else scalar), 'avx2' or 'scalar'."""
+    return _path
+
+
+def set_path(name: str) -> None:
+    """Force a kernel path ('auto', 'avx2', 'scalar'); also settable with SPARSECRAFT_KERNEL_PATH."""
+    global _path, _path_value
+    if name not in PATHS:
+        raise KernelError(f"unknown kernel path {name!r}: use one of {', '.join(PATHS)}")
+    if name == "avx2" and available() and not require().info()["avx2"]:
+        raise KernelError("the avx2 kernel path was asked for but this CPU has no AVX2+FMA: use 'scalar' or 'auto'")
+    _path, _path_value = name, PATHS[name]
+
+
+@contextmanager
+def use_path(name: str):
+    """Run a block with a forced kernel path."""
+    old = get_path()
+    set_path(name)
+    try:
+        yield
+    finally:
+        set_path(old)
+
+
+def _path_code() -> int:
+    global _path_value
+    if _path_value is None:
+        code = PATHS.get(_path)
+        if code is None:
+            raise KernelError(f"{PATH_ENV}={_path!r} is not a kernel path: use one of {', '.join(PATHS)}")
+        _path_value = code
+    return _path_value
+
+
+def _conv1d_type():
+    from ..models import PRUNABLE_TYPES
+
+    return next((t for t in PRUNABLE_TYPES if t is not nn.Linear), None)
+
+
+def pack_bitmask(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask int64 [N, words], rowptr int64 [N + 1], values [nnz + padding]) of a 2-D CPU weight [N, K].
+    Zeros of either sign are dropped; every other value (NaN included) is kept bit for bit."""
+    ext = require()
+    if weight.dim() != 2:
+        raise KernelError(f"a weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if weight.dtype not in DTYPES or weight.device.type != "cpu":
+        raise KernelError(f"the CPU kernels take float32/bfloat16/float16 weights on the CPU, got {weight.dtype} on "
+                          f"{weight.device}: move the model to the CPU (and a supported dtype) first")
+    weight = weight.detach()
+    n, k = weight.shape
+    words = (k + 63) // 64
+    counts = (weight != 0).sum(dim=1)
+    rowptr = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=rowptr[1:])
+    nnz = int(rowptr[-1])
+    values = _stream_buffer(ext, nnz + VALUE_PADDING, weight.dtype)
+    values[nnz:] = 0
+    mask = _stream_buffer(ext, n * words, torch.int64).view(n, words)
+    ext.pack(weight.element_size(), n, k, words, weight.data_ptr(), weight.stride(0), weight.stride(1),
+             rowptr.data_ptr(), mask.data_ptr(), values.data_ptr(), torch.get_num_threads())
+    return mask, rowptr, values
+
+
+def _stream_buffer(ext, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor; large ones get transparent huge pages (where Linux allows) before first touch."""
+    t = torch.empty(numel, dtype=dtype)
+    if HUGEPAGES and t.numel() * t.element_size() >= 4 << 20:
+        ext.advise_hugepages(t.data_ptr(), t.numel() * t.element_size())
+    return t
+
+
+def unpack_bitmask(mask: torch.Tensor, rowptr: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The dense weight [N, K] of a packed layer."""
+    n, words = mask.shape
+    shifts = torch.arange(64, dtype=torch.int64)
+    dense = torch.zeros(n, words * 64, dtype=values.dtype)
+    for start in range(0, n, 1024):  # bounded temporary: [rows, words, 64] bools
+        block = mask[start:start + 1024]
+        bits = ((block.unsqueeze(-1) >> shifts) & 1).bool().reshape(block.shape[0], -1)
+        lo, hi = int(rowptr[start]), int(rowptr[min(start + 1024, n)])
+        dense[start:start + 1024][bits] = values[lo:hi]
+    return dense[:, :in_features].contiguous()
+
+
+class _InputGrad(torch.autograd.Function):
+    """Gradients with respect to the input only (the packed weights are buffers, not trained)."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return layer._run(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight = ctx.layer.dense_weight().to(grad.dtype)
+        return grad @ weight, None
+
+
+class SparseLinear(nn.Module):
+    """y = x Wᵀ + b on the CPU kernels (inference; gradients flow to the input only, not to weight or bias).
+
+    Build it with `SparseLinear.from_module(linear_or_conv1d, format)`; `to_module()` gives the dense layer back.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, format: str = "bitmask"):
+        super().__init__()
+        require()
+        if format not in FORMATS:
+            raise KernelError(f"unknown SparseLinear format {format!r}: use 'bitmask' or 'dense'")
+        if weight.dim() != 2 or weight.dtype not in DTYPES or weight.device.type != "cpu":
+            raise KernelError(f"SparseLinear needs a 2-D float32/bfloat16/float16 CPU weight, got shape "
+                              f"{tuple(weight.shape)} {weight.dtype} on {weight.device}: move the model to the CPU "
+                              "first")
+        self.out_features, self.in_features = weight.shape
+        self.format = format
+        self.source = "linear"  # or 'conv1d': what to_module() rebuilds
+        if format == "bitmask":
+            mask, rowptr, values = pack_bitmask(weight)
+            self._set_packed(mask, rowptr, values)
+        else:
+            if isinstance(weight, nn.Parameter) and weight.is_contiguous():
+                self.weight = weight  # the same Parameter: ties (e.g. lm_head = embeddings) survive
+            else:
+                self.register_buffer("weight", weight.detach().contiguous())
+            self.nnz = int((self.weight != 0).sum())
+        if bias is not None and (bias.dtype != weight.dtype or bias.shape != (self.out_features,)):
+            raise KernelError(f"bias must be [{self.out_features}] {weight.dtype}, got {tuple(bias.shape)} "
+                              f"{bias.dtype}")
+        if isinstance(bias, nn.Parameter) or bias is None:
+            self.bias = bias
+        else:
+            self.register_buffer("bias", bias.detach().contiguous())
+        self._refresh()
+
+    # The forward pass reads its tensors from plain attributes (nn.Module attribute lookups cost microseconds per
+    # decode step); they are refreshed whenever a tensor attribute is set or the module is moved / cast.
+    _TENSORS = ("mask", "rowptr", "values", "weight", "bias")
+
+    def _refresh(self) -> None:
+        d = self.__dict__
+        get = self._buffers.get
+        d["_bias_t"] = self._parameters.get("bias", get("bias"))
+        if self.format == "bitmask":
+            d["_mask_t"], d["_rowptr_t"], d["_w_t"] = get("mask"), get("rowptr"), get("values")
+        else:
+            d["_mask_t"] = d["_rowptr_t"] = None
+            d["_w_t"] = self._parameters.get("weight", get("weight"))
+        w = d["_w_t"]
+        d["_dt"] = DTYPES.get(w.dtype, -1) if w is not None else -1
+        d["_dtype"] = w.dtype if d["_dt"] >= 0 else None  # None fails forward's fast check: _check explains
+        d["_cpu"] = w is not None and w.device.type == "cpu"
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in SparseLinear._TENSORS and "_dt" in self.__dict__:
+            self._refresh()
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._refresh()
+        return result
+
+    def _set_packed(self, mask: torch.Tensor, rowptr: torch.Tensor, values: torch.Tensor) -> None:
+        # not persistent: state_dict() holds the dense `weight` instead (see _save_to_state_dict)
+        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("rowptr", rowptr, persistent=False)
+        self.register_buffer("values", values, persistent=False)
+        self.nnz = int(rowptr[-1])
+        if "_dt" in self.__dict__:
+            self._refresh()
+
+    # state_dict() looks like the dense layer's (`weight` in the source layer's orientation, `bias`), so that
+    # save_pretrained, sparsecraft.save and state-dict comparisons work on a kernel model unchanged.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.format == "dense" and self.source == "linear":
+            weight = self.weight if keep_vars else self.weight.detach()
+        else:
+            weight = self.dense_weight()
+            weight = weight.t() if self.source == "conv1d" else weight
+        destination[prefix + "weight"] = weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("weight", "bias"):
+            key = prefix + name
+            if key not in state_dict:
+                if name == "weight" or self.bias is not None:
+                    missing_keys.append(key)
+                continue
+            value = state_dict[key].detach()
+            if name == "bias":
+                if self.bias is None or value.shape != self.bias.shape:
+                    error_msgs.append(f"{key}: shape {tuple(value.shape)} does not fit this layer's bias")
+                    continue
+                with torch.no_grad():
+                    self.bias.copy_(value)
+                continue
+            value = value.t() if self.source == "conv1d" else value
+            if value.shape != (self.out_features, self.in_features):
+                error_msgs.append(f"{key}: shape {tuple(value.shape)} does not fit [{self.out_features}, "
+                                  f"{self.in_features}]")
+            elif self.format == "dense":
+                with torch.no_grad():
+                    self.weight.copy_(value)
+            else:
+                self._set_packed(*pack_bitmask(value.to(device="cpu", dtype=self.dtype)))
+        if strict:
+            for key in state_dict:
+                if key.startswith(prefix) and key[len(prefix):] not in ("weight", "bias") and \
+                        "." not in key[len(prefix):]:
+                    unexpected_keys.append(key)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, format: str = "bitmask") -> SparseLinear:
+        """From an nn.Linear or a transformers Conv1D (whose weight is stored [in, out])."""
+        conv1d = _conv1d_type()
+        if isinstance(module, nn.Linear):
+            layer = cls(module.weight, module.bias, format)
+        elif conv1d is not None and isinstance(module, conv1d):
+            layer = cls(module.weight.t(), module.bias, format)
+            layer.source = "conv1d"
+        else:
+            raise KernelError(f"SparseLinear replaces nn.Linear or Conv1D layers, not {type(module).__name__}")
+        return layer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._w_t.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._w_t.device
+
+    @property
+    def sparsity(self) -> float:
+        total = self.out_features * self.in_features
+        return 1.0 - self.nnz / total if total else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel reads per pass over the weight (mask + values + row offsets, or the dense weight)."""
+        if self.format == "dense":
+            return self.weight.numel() * self.weight.element_size()
+        return (self.mask.numel() * 8 + self.rowptr.numel() * 8 + self.nnz * self.values.element_size())
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense [out_features, in_features] tensor (a copy for the bitmask format)."""
+        if self.format == "dense":
+            return self.weight.detach()
+        return unpack_bitmask(self.mask, self.rowptr, self.values, self.in_features)
+
+    def to_module(self) -> nn.Module:
+        """The equivalent dense nn.Linear (or Conv1D), reusing this layer's Parameters where it has them."""
+        weight = self.weight if self.format == "dense" else None
+        if self.source == "conv1d":
+            conv1d = _conv1d_type()
+            module = conv1d(self.out_features, self.in_features)
+            module.weight = nn.Parameter(self.dense_weight().t().contiguous(), requires_grad=True)
+        else:
+            module = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+            module.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(self.dense_weight())
+        bias = self.bias
+        module.bias = bias if isinstance(bias, nn.Parameter) or bias is None else nn.Parameter(bias.clone())
+        return module
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.device.type != "cpu" or self.device.type != "cpu":
+            raise KernelError(f"SparseLinear runs on the CPU only, got input on {x.device} (layer on {self.device}): "
+                              "keep the model on the CPU, or call sparsecraft.densify_model(model) before moving it")
+        if self._dt < 0:
+            raise KernelError(f"SparseLinear holds {self.dtype} weights; the kernels take float32, bfloat16 or "
+                              "float16: convert the model with .to(dtype) to one of those")
+        if x.dtype != self.dtype:
+            raise KernelError(f"SparseLinear input dtype {x.dtype} does not match the layer's {self.dtype}: cast "
+                              "the input (or convert the model with .to(dtype) before sparsify_model)")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise KernelError(f"SparseLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        n, k = self.out_features, self.in_features
+        if not x.is_contiguous():
+            x = x.contiguous()
+        m = x.numel() // k if k else 0
+        y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+        if k == 0:  # an empty sum: y = b
+            y.zero_()
+            if self._bias_t is not None:
+                y += self._bias_t
+            return y
+        if n == 0 or m == 0:
+            return y
+        bias = self._bias_t.data_ptr() if self._bias_t is not None else 0
+        w = self._w_t
+        if self._mask_t is not None:
+            _ext.matmul(self._dt, 1, _path_value, torch.get_num_threads(), n, k, m, self._mask_t.shape[1],
+                        x.data_ptr(), k, self._mask_t.data_ptr(), self._rowptr_t.data_ptr(), w.data_ptr(), 0, bias,
+                        y.data_ptr(), n)
+        else:
+            _ext.matmul(self._dt, 0, _path_value, torch.get_num_threads(), n, k, m, (k + 63) // 64, x.data_ptr(),
+                        k, 0, 0, w.data_ptr(), w.stride(0), bias, y.data_ptr(), n)
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is not self._dtype or not x.is_cpu or not self._cpu or x.shape[-1] != self.in_features or \
+                _path_value is None:
+            self._check(x)
+            _path_code()
+            require()
+        if x.requires_grad and torch.is_grad_enabled():
+            if self.format == "dense":
+                return nn.functional.linear(x, self.weight, self.bias)
+            return _InputGrad.apply(x, self)
+        return self._run(x)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"dtype={self.dtype}, sparsity={self.sparsity:.2%}, bias={self.bias is not None}")
