@@ -8,9 +8,11 @@ from .kernels import densify_model, sparsify_model
 from .models import load_model, select_targets
 from .patterns import Pattern
 from .recipe import Recipe
+from .recovery import FinetuneConfig, finetune
 from .registry import method_names
 
 __all__ = [
+    "FinetuneConfig",
     "Pattern",
     "Recipe",
     "SparsecraftError",
@@ -18,6 +20,7 @@ __all__ = [
     "densify_model",
     "evaluate",
     "export",
+    "finetune",
     "load",
     "load_model",
     "load_text",

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub, _add_prune_args, _add_data_args)
 
+    from .cli_finetune import add_parser as add_finetune_parser  # `finetune`
+
+    add_finetune_parser(sub, _add_data_args)
+
     from .cli_kernels import add_parsers as add_kernel_parsers  # `bench` and `generate` (CPU sparse kernels)
 
     add_kernel_parsers(sub)
@@ -217,11 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:  # also silence transformers' own bars ("Loading weights")
         hf_logging.disable_progress_bar()
     try:
+        from .cli_finetune import cmd_finetune
         from .cli_kernels import cmd_bench, cmd_generate
         from .cli_report import cmd_report, cmd_sweep
 
         return {"prune": cmd_prune, "search": cmd_search, "eval": cmd_eval, "sweep": cmd_sweep,
-                "report": cmd_report, "export": cmd_export, "bench": cmd_bench,
+                "report": cmd_report, "export": cmd_export, "finetune": cmd_finetune, "bench": cmd_bench,
                 "generate": cmd_generate}[args.command](args)
     except SparsecraftError as exc:
         print(f"sparsecraft: error: {exc}", file=sys.stderr)
