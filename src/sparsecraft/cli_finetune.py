@@ -5,7 +5,6 @@ Runs unchanged on several GPUs: `accelerate launch [--multi_gpu | --use_fsdp] -m
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -13,8 +12,7 @@ from pathlib import Path
 def add_parser(sub, add_data_args) -> None:
     from .recovery.config import DISTILL_PRESETS, LR_SCHEDULES, PRECISIONS, SCHEDULES, SCORES
 
-    f = sub.add_parser("finetune", help="fine-tune a sparse model keeping its mask (distillation), or prune gradually",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f = sub.add_parser("finetune", help="fine-tune a sparse model keeping its mask (distillation), or prune gradually")
     f.add_argument("student", help="pruned sparsecraft directory, HF model directory, .gguf file or 'default'")
     f.add_argument("--teacher", default=None,
                    help="dense teacher (model spec); default: the student's source model from its sparsecraft.json, "

@@ -244,12 +244,9 @@ def finetune(student, teacher=None, data: str | Path | TextSplits = "builtin",
         existing = checkpoints(ckpt_dir)
         if resume and not existing:
             raise OutputError(f"no checkpoint to resume from in {ckpt_dir}: run without --resume to start")
-        if existing and not resume:
-            if not force:
-                raise OutputError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it or "
-                                  "--force to start over")
-            for old in existing:
-                shutil.rmtree(old)
+        if existing and not resume and not force:
+            raise OutputError(f"{ckpt_dir} holds checkpoints of an earlier run: pass --resume to continue it or "
+                              "--force to start over")
         if resume:
             saved = ckpt_dir / CONFIG_FILE
             if saved.is_file():
@@ -352,11 +349,15 @@ def finetune(student, teacher=None, data: str | Path | TextSplits = "builtin",
         accelerator.load_state(str(latest))
         resumed_from = state.step
         masks.apply()
-    elif ckpt_dir is not None and accelerator.is_main_process:
+        if accelerator.is_main_process:  # a checkpoint half-written when the run was killed
+            for stale in ckpt_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+    elif ckpt_dir is not None and accelerator.is_main_process:  # a fresh start: only now, after every check
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for old in [*checkpoints(ckpt_dir), *ckpt_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")]:
+            shutil.rmtree(old, ignore_errors=True)  # an earlier run's (with force) or half-written ones
         (ckpt_dir / CONFIG_FILE).write_text(cfg.to_yaml_text())
+    accelerator.wait_for_everyone()
 
     def held_out(max_windows: int | None) -> float | None:
         if held_windows is None:
