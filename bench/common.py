@@ -4,6 +4,7 @@ and print tables. A spec is a dict of Recipe fields plus model/data/eval setting
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -48,15 +49,40 @@ def worker(spec: dict) -> dict:
     return row
 
 
-def run_isolated(spec: dict) -> dict:
-    """Run `worker(spec)` in a new Python process and return its result row."""
+def run_isolated(spec: dict, script: Path = WORKER, flags: tuple[str, ...] = ()) -> dict:
+    """Run a worker (`script [flags] SPEC-JSON`, printing `RESULT {...}`) in a new Python process; return its row."""
     print(f"running {spec['name']} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], check=False, capture_output=True,
+    proc = subprocess.run([sys.executable, str(script), *flags, json.dumps(spec)], check=False, capture_output=True,
                           text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         sys.exit(f"{spec['name']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+class RowCache:
+    """Benchmark rows keyed by their spec (minus `ignore` keys) in a JSON file rewritten atomically after every row,
+    so a long benchmark can be built over several invocations and a killed one resumes where it stopped."""
+
+    def __init__(self, path: str | Path | None, run=run_isolated, ignore: tuple[str, ...] = ("threads",),
+                 stamp=None):
+        self.path = Path(path) if path else None
+        self.rows = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
+        self.runner, self.ignore, self.stamp = run, ignore, stamp
+
+    def run(self, spec: dict, fresh: bool = False) -> dict:
+        key = json.dumps({k: v for k, v in spec.items() if k not in self.ignore}, sort_keys=True)
+        if key in self.rows and not fresh:
+            print(f"cached {spec['name']} (measured at {self.rows[key].get('commit', '?')})", file=sys.stderr)
+            return self.rows[key]
+        row = {**self.runner(spec), **(self.stamp() if self.stamp else {})}
+        if self.path:
+            self.rows[key] = row
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.rows, indent=1))
+            os.replace(tmp, self.path)
+        return row
 
 
 def add_common_args(ap) -> None:

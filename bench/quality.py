@@ -16,13 +16,11 @@ be built over several invocations: a killed run resumes where it stopped. `--no-
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from common import add_common_args, base_spec, finish, run_isolated
+from common import RowCache, add_common_args, base_spec, finish
 
 # name -> (method, recipe fields, which settings: "u" unstructured, "nm" N:M, "search" = with search only where
 # --search-at says)
@@ -56,26 +54,6 @@ def commit() -> str:
         return "unknown"
 
 
-class Cache:
-    def __init__(self, path: str | None):
-        self.path = Path(path) if path else None
-        self.rows = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
-
-    def run(self, spec: dict) -> dict:
-        key = json.dumps(spec, sort_keys=True)
-        if key in self.rows:
-            print(f"cached {spec['name']} (measured at {self.rows[key].get('commit')})", file=sys.stderr)
-            return self.rows[key]
-        row = {**run_isolated(spec), "commit": commit()}
-        if self.path:
-            self.rows[key] = row
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.rows, indent=1))
-            os.replace(tmp, self.path)
-        return row
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="0.7,2:4,4:8,0.6,0.5", help="sparsities and/or N:M patterns")
@@ -87,7 +65,7 @@ def main() -> None:
     ap.add_argument("--no-cache", action="store_true")
     add_common_args(ap)
     args = ap.parse_args()
-    cache = Cache(None if args.no_cache else args.cache)
+    cache = RowCache(None if args.no_cache else args.cache, stamp=lambda: {"commit": commit()})
     base, calib = base_spec(args)
     wanted = args.rows.split(",")
     unknown = [w for w in wanted if w not in ROWS]

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import print_table
+from common import RowCache, print_table, run_isolated
 
 HERE = Path(__file__).resolve().parent
 ROWS = {  # name -> (distill preset, schedule)
@@ -86,32 +84,6 @@ def worker(spec: dict) -> dict:
     return row
 
 
-class Cache:
-    def __init__(self, path: str | None):
-        self.path = Path(path) if path else None
-        self.rows = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
-
-    def run(self, spec: dict, fresh: bool = False) -> dict:
-        key = json.dumps({k: v for k, v in spec.items() if k != "threads"}, sort_keys=True)
-        if key in self.rows and not fresh:
-            print(f"cached {spec['name']}", file=sys.stderr)
-            return self.rows[key]
-        print(f"running {spec['name']} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-                              check=False, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            sys.exit(f"{spec['name']} failed:\n{proc.stderr[-3000:]}")
-        row = json.loads(lines[-1][len("RESULT "):])
-        if self.path:
-            self.rows[key] = row
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.rows, indent=1))
-            os.replace(tmp, self.path)
-        return row
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="2:4,0.7", help="N:M patterns and/or unstructured sparsities")
@@ -146,7 +118,7 @@ def main() -> None:
     unknown = [w for w in wanted if w not in ROWS]
     if unknown:
         sys.exit(f"unknown rows {unknown}; choose from {list(ROWS)}")
-    cache = Cache(args.cache)
+    cache = RowCache(args.cache, run=lambda spec: run_isolated(spec, Path(__file__).resolve(), ("--worker",)))
     base = {"model": args.model, "data": args.data, "eval_seqlen": args.eval_seqlen,
             "max_eval_windows": args.max_eval_windows}
     dense = cache.run({**base, "kind": "dense", "name": "dense"})

@@ -25,16 +25,7 @@ def peak_rss_mb() -> float:
 
 def make_recipe(recipe: Recipe | dict | str | Path | None = None, **overrides) -> Recipe:
     """A Recipe from a Recipe, a dict or a YAML path, with keyword overrides applied."""
-    if recipe is None:
-        base = {}
-    elif isinstance(recipe, Recipe):
-        base = recipe.to_dict()
-    elif isinstance(recipe, dict):
-        base = dict(recipe)
-    else:
-        base = Recipe.from_yaml(recipe).to_dict()
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return Recipe.from_dict(base)
+    return Recipe.make(recipe, **overrides)
 
 
 def _splits(data: str | Path | TextSplits) -> TextSplits:

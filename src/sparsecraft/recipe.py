@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from .errors import ConfigError
 from .patterns import Pattern, resolve_sparsity
+from .yamlconfig import YamlConfig
 
 
 @dataclass
-class Recipe:
+class Recipe(YamlConfig):
     """What to prune, how, and with which calibration data.
 
     `targets`/`ignore` are regexes searched in module names (e.g. ``mlp``, ``lm_head``); the default
@@ -19,6 +20,8 @@ class Recipe:
     spreads the sparsity over layers (OWL keeps the overall value exact); `overrides` then pin layers
     matching a regex to a sparsity; `refine` improves each layer's mask after the method (DSnoT).
     """
+
+    KIND: ClassVar[str] = "recipe"
 
     method: str = "wanda"
     sparsity: float | None = None  # None: implied by an N:M pattern, else 0.5
@@ -132,31 +135,3 @@ class Recipe:
                 re.compile(regex)
             except re.error as exc:
                 raise ConfigError(f"invalid regex {regex!r} in targets/ignore/overrides: {exc}") from None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Recipe:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown recipe keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
-
-    def to_yaml_text(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml_text())
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> Recipe:
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe file {path} does not exist")
-        return cls.from_dict(yaml.safe_load(path.read_text()) or {})

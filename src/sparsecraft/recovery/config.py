@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from ..errors import ConfigError
 from ..patterns import Pattern, resolve_sparsity
+from ..yamlconfig import YamlConfig
 
 SCHEDULES = ("constant", "gmp")
 SCORES = ("magnitude", "wanda")
@@ -26,7 +28,7 @@ RESUMABLE_CHANGES = ("progress", "checkpoint_every", "keep_checkpoints", "eval_e
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(YamlConfig):
     """What to fine-tune, how long, with which losses and which sparsity schedule.
 
     Losses: ``ce_weight`` x causal-LM cross-entropy + ``kd_weight`` x KL(teacher || student) on the logits at
@@ -38,6 +40,8 @@ class FinetuneConfig:
     schedule s_t = s_f + (s_i - s_f)(1 - (t - t0)/(T - t0))^3 every ``prune_every`` steps from ``prune_start``
     (t0) to ``prune_end`` (T, default 3/4 of ``steps``), then keeps the mask fixed.
     """
+
+    KIND: ClassVar[str] = "finetune config"
 
     steps: int = 200
     distill: str = "squarehead"
@@ -181,34 +185,6 @@ class FinetuneConfig:
             raise ConfigError("--sparsity and --pattern choose the target of --schedule gmp; with --schedule "
                               "constant the student's own zeros are the mask: drop them")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown finetune config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**data)
-
-    def to_yaml_text(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_yaml_text())
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> FinetuneConfig:
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"finetune config file {path} does not exist")
-        return cls.from_dict(yaml.safe_load(path.read_text()) or {})
-
     def differences(self, other: FinetuneConfig) -> list[str]:
         """Fields that differ from `other` and would change the run's trajectory."""
         mine, theirs = self.to_dict(), other.to_dict()
@@ -224,13 +200,4 @@ def _finite(value) -> bool:
 
 def make_config(config: FinetuneConfig | dict | str | Path | None = None, **overrides) -> FinetuneConfig:
     """A FinetuneConfig from a config, a dict or a YAML path, with keyword overrides (None = not given)."""
-    if config is None:
-        base = {}
-    elif isinstance(config, FinetuneConfig):
-        base = config.to_dict()
-    elif isinstance(config, dict):
-        base = dict(config)
-    else:
-        base = FinetuneConfig.from_yaml(config).to_dict()
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    return FinetuneConfig.from_dict(base)
+    return FinetuneConfig.make(config, **overrides)
