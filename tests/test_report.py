@@ -20,21 +20,10 @@ from sparsecraft.cli import main
 from sparsecraft.errors import ConfigError
 from sparsecraft.html_report import find_chromium, layer_grid, measure_dir, render_check
 from sparsecraft.sweep import knee, load_sweep, parse_sparsities, plan_rows, run_sweep
+from test_cli import assert_one_line_error
 
 COMMON = ["--nsamples", "4", "--seqlen", "32", "--max-eval-windows", "2", "--quiet"]
-ERROR_PREFIX = "sparsecraft: error:"
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
-
-
-def assert_one_line_error(capsys, rc: int, *fragments: str) -> None:
-    """As in test_cli: exit code 2 and exactly one line on stderr naming the problem."""
-    captured = capsys.readouterr()
-    assert rc == 2
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got: {captured.err!r}"
-    assert lines[0].startswith(ERROR_PREFIX)
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def embedded_pngs(html: str) -> list:
