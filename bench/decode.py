@@ -87,7 +87,7 @@ def bench_model(name: str, dtype: torch.dtype, tokens: int, levels: list[float],
         reference = run("torch sparse", level) if torch_sparse else None
         sparsify_model(model)
         packed = [m for m in kernel_layers(model).values() if m.format == "bitmask"]
-        run(f"kernels {len(packed)} bitmask", level, reference)
+        run(f"kernels sparse ({len(packed)} bitmask layers)", level, reference)
         densify_model(model)
     torch_dense, kernel_dense = results[0]["tokens_per_s"], results[1]["tokens_per_s"]
     for r in results:
