@@ -56,11 +56,20 @@ def atomic_directory(path: Path, write) -> None:
         raise
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    path = Path(path)
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to a temporary file beside `path`, then rename it over `path` (never a half-written file)."""
+    path = Path(path).expanduser()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def save_model(model: nn.Module, path: str | Path, tokenizer=None, metadata: dict | None = None,

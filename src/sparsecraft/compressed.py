@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import patterns
 from .errors import ConfigError, ModelError, OutputError
+from .patterns import Pattern
 
 SPARSE_BITMASK = "sparse-bitmask"
 SPARSE_24_BITMASK = "sparse-24-bitmask"
@@ -83,17 +85,8 @@ def compress_bitmask(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def nm_violation(weight: torch.Tensor, n: int = 2, m: int = 4) -> str | None:
-    """Why `weight` (as stored) is not N:M along its last dimension, or None when it is."""
-    rows, cols = weight.shape
-    if cols % m:
-        return f"has {cols} input columns, not a multiple of {m}"
-    over = (weight.detach().reshape(rows, cols // m, m) != 0).sum(-1) > n
-    if not bool(over.any()):
-        return None
-    row, group = (int(v) for v in over.nonzero()[0])
-    kept = int((weight[row, group * m:(group + 1) * m] != 0).sum())
-    return (f"keeps {kept} of the {m} weights in columns {group * m}-{group * m + m - 1} of row {row} "
-            f"({int(over.sum())} such groups)")
+    """Why `weight` (as stored) is not n:m along its last dimension, or None when it is."""
+    return patterns.nm_violation(weight, Pattern(n, m))
 
 
 def compress_24(weight: torch.Tensor) -> dict[str, torch.Tensor]:

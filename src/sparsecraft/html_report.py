@@ -15,7 +15,6 @@ import base64
 import html
 import io
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -511,17 +510,14 @@ def dir_html(info: dict) -> str:
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a report file atomically (checkpoint.write_text_atomic), refusing a directory as the target."""
+    from .checkpoint import write_text_atomic as write
+
     path = Path(path).expanduser()
     if path.is_dir():
         raise OutputError(f"{path} is a directory: pass a file name for the report")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write(path, text)
 
 
 # ------------------------------------------------------------------------------------------- browser render check

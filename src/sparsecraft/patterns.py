@@ -126,8 +126,21 @@ def mask_from_scores(
     raise ConfigError(f"unknown comparison scope {scope!r}: use 'row' or 'layer'")
 
 
+def nm_violation(weight: torch.Tensor, pattern: Pattern) -> str | None:
+    """Why `weight` [rows, cols] is not N:M along its columns (the first offending group), or None when it is."""
+    rows, cols = weight.shape
+    n, m = pattern.n, pattern.m
+    if cols % m:
+        return f"has {cols} input columns, not a multiple of {m}"
+    over = (weight.detach().reshape(rows, cols // m, m) != 0).sum(-1) > n
+    if not bool(over.any()):
+        return None
+    row, group = (int(v) for v in over.nonzero()[0])
+    kept = int((weight[row, group * m:(group + 1) * m] != 0).sum())
+    return (f"keeps {kept} of the {m} weights in columns {group * m}-{group * m + m - 1} of row {row} "
+            f"({int(over.sum())} such groups)")
+
+
 def is_nm_valid(weight: torch.Tensor, pattern: Pattern) -> bool:
     """True when every group of m consecutive inputs has at most n non-zeros."""
-    rows, cols = weight.shape
-    nonzero = (weight.reshape(rows, cols // pattern.m, pattern.m) != 0).sum(-1)
-    return bool((nonzero <= pattern.n).all())
+    return nm_violation(weight, pattern) is None
