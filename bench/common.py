@@ -27,7 +27,7 @@ def worker(spec: dict) -> dict:
     row = {"name": spec["name"], "load_s": time.perf_counter() - t0}
     recipe_fields = spec.get("recipe")
     if recipe_fields:
-        recipe = make_recipe(data=spec["data"], **recipe_fields)
+        recipe = make_recipe(recipe_fields, data=spec["data"])  # recipe_fields may be a full saved recipe
         ids = calibration_ids(splits, tokenizer, recipe) if recipe.needs_data or spec.get("search") else None
         if spec.get("search"):
             from sparsecraft.search import parse_budget, search_recipe

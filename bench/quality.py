@@ -46,6 +46,30 @@ def setting_fields(setting: str) -> dict:
     return {"pattern": setting} if ":" in setting else {"pattern": "unstructured", "sparsity": float(setting)}
 
 
+def replay_check(cache: RowCache, base: dict, setting: str, searched: dict, budget: str, results: list,
+                 table: list, dense: float, baseline: float | None) -> str:
+    """Prune again from the recipe the search saved (its per-block overrides, no search) and check that it lands on
+    the searched row's perplexity; also check the search kept to its time budget."""
+    from sparsecraft.search import parse_budget
+
+    spec = {**base, "name": f"{setting} + search, replayed", "recipe": searched["recipe"]}
+    r = cache.run(spec)
+    r["setting"], r["row"] = setting, "+ search, replayed"
+    results.append(r)
+    same = r["perplexity"] == searched["perplexity"]
+    change = f"{(r['perplexity'] / baseline - 1):+.1%}" if baseline else "-"
+    within = searched["search_s"] <= parse_budget(budget)
+    table.append([f"+ search, replayed from its recipe ({'identical' if same else 'DIFFERS'})", setting,
+                  f"{r['sparsity']:.2%}", f"{r['perplexity']:.2f}", f"{r['perplexity'] / dense:.2f}", change,
+                  f"{r['prune_s']:.0f}", f"{r['peak_rss_mb']:.0f}"])
+    note = (f"search at {setting}: {searched['search_s']:.0f} s of a {parse_budget(budget):.0f} s budget "
+          f"({'within' if within else 'OVER'}), {searched['search']['generations']} generations, KL "
+          f"{searched['search']['kl']:.4f} vs uniform {searched['search']['uniform_kl']:.4f}; replaying its recipe: "
+          f"perplexity {r['perplexity']:.4f} vs {searched['perplexity']:.4f} ({'identical' if same else 'DIFFERS'})")
+    print(note, file=sys.stderr, flush=True)
+    return note
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -72,6 +96,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown rows {unknown}; choose from {list(ROWS)}")
     search_at = set(args.search_at.split(","))
+    notes: list[str] = []
     results = [cache.run({**base, "name": "dense", "recipe": None})]
     dense = results[0]["perplexity"]
     table = [["dense", "-", f"{results[0]['sparsity']:.2%}", f"{dense:.2f}", "-", "-", "-",
@@ -92,6 +117,9 @@ def main() -> None:
             r = cache.run(spec)
             r["setting"], r["row"] = setting, name
             results.append(r)
+            if search and name == "+ search":
+                notes.append(replay_check(cache, base, setting, r, args.search_budget, results, table, dense,
+                                          baseline))
             if name == "sparsegpt":
                 baseline = r["perplexity"]
             change = f"{(r['perplexity'] / baseline - 1):+.1%}" if baseline and name != "sparsegpt" else "-"
@@ -100,6 +128,7 @@ def main() -> None:
             print("done: " + " | ".join(table[-1]), file=sys.stderr, flush=True)  # partial results survive a kill
     finish(args, ["recipe", "setting", "sparsity", "held-out ppl", "x dense", "vs sparsegpt", "prune s",
                   "peak RSS MiB"], table, results)
+    print("\n".join(notes))
 
 
 if __name__ == "__main__":
