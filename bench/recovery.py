@@ -29,12 +29,21 @@ ROWS = {  # name -> (distill preset, schedule)
     "kd": ("kd", "constant"),
     "squarehead": ("squarehead", "constant"),
     "gmp": ("squarehead", "gmp"),
+    "squarehead-adapted": ("squarehead", "constant"),  # the teacher first fine-tuned on the data (dense, CE)
 }
-LABELS = {"ce": "+ CE", "kd": "+ CE + KD", "squarehead": "+ CE + KD + SquareHead", "gmp": "GMP (SquareHead + KD)"}
+LABELS = {"ce": "+ CE", "kd": "+ CE + KD", "squarehead": "+ CE + KD + SquareHead", "gmp": "GMP (SquareHead + KD)",
+          "squarehead-adapted": "+ CE + KD + SquareHead, adapted teacher"}
 
 
 def _setting_name(setting: str) -> str:
     return setting.replace(":", "_")
+
+
+def train_config(args) -> dict:
+    """The fine-tuning settings every row shares."""
+    return {"steps": args.steps, "seqlen": args.seqlen, "batch_size": args.batch_size, "lr": args.lr,
+            "warmup_steps": args.warmup_steps, "temperature": args.temperature, "data": args.data,
+            "eval_seqlen": args.eval_seqlen, "checkpoint_every": 0, "progress": False}
 
 
 def worker(spec: dict) -> dict:
@@ -76,7 +85,7 @@ def worker(spec: dict) -> dict:
         from sparsecraft.recovery.trainer import finetune
 
         _, result = finetune(spec["student"], spec["teacher"], spec["data"], spec["config"], evaluate=True,
-                             eval_windows=spec.get("max_eval_windows"))
+                             eval_windows=spec.get("max_eval_windows"), out=spec.get("out"), force=True)
         row.update(perplexity=result.perplexity_after, perplexity_before=result.perplexity_before,
                    sparsity=result.sparsity, train_s=result.seconds, history=result.history,
                    evaluations=result.evaluations)
@@ -128,6 +137,17 @@ def main() -> None:
     table = [["-", "dense", "-", f"{dense['sparsity']:.2%}", "-", f"{dense['perplexity']:.2f}", "-", "-", "-",
               f"{dense['peak_rss_mb']:.0f}"]]
     models = Path(args.models)
+    teacher = args.model
+    if "squarehead-adapted" in wanted:  # SquareHead's protocol: the dense teacher fine-tuned on the same data first
+        teacher = str(models / f"teacher-dense-ce-{args.steps}")
+        config = {**train_config(args), "distill": "none", "schedule": "dense"}
+        spec = {**base, "kind": "finetune", "name": "dense teacher adapted (CE)", "config": config,
+                "student": args.model, "teacher": None, "out": teacher}
+        r = cache.run(spec, fresh=not (Path(teacher) / "config.json").is_file())  # the model is cached on disk
+        results.append(r)
+        table.append(["-", f"dense, CE-adapted teacher ({args.steps} steps)", str(args.steps),
+                      f"{r['sparsity']:.2%}", f"{r['perplexity_before']:.2f}", f"{r['perplexity']:.2f}", "-",
+                      f"{r['train_s']:.0f}", f"{r['seconds']:.0f}", f"{r['peak_rss_mb']:.0f}"])
     for setting in args.settings.split(","):
         fields = {"pattern": setting} if ":" in setting else {"pattern": "unstructured", "sparsity": float(setting)}
         recipe = {"method": "sparsegpt", "nsamples": args.nsamples, "seqlen": 512, "seed": 0, **fields}
@@ -144,15 +164,13 @@ def main() -> None:
             distill, schedule = ROWS[name]
             if schedule == "gmp" and ":" in setting:
                 continue  # GMP is compared at the unstructured settings
-            config = {"steps": args.steps, "distill": distill, "schedule": schedule, "seqlen": args.seqlen,
-                      "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": args.warmup_steps,
-                      "temperature": args.temperature, "data": args.data, "eval_seqlen": args.eval_seqlen,
-                      "checkpoint_every": 0, "progress": False}
+            config = {**train_config(args), "distill": distill, "schedule": schedule}
             if schedule == "gmp":
                 config.update(fields)
             spec = {**base, "kind": "finetune", "name": f"{setting} {name}", "config": config,
                     "student": args.model if schedule == "gmp" else str(path),
-                    "teacher": args.model, "oneshot": oneshot["perplexity"]}
+                    "teacher": teacher if name == "squarehead-adapted" else args.model,
+                    "oneshot": oneshot["perplexity"]}
             r = cache.run(spec, fresh=args.no_cache)
             r["setting"], r["row"] = setting, name
             results.append(r)

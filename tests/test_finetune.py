@@ -87,6 +87,17 @@ def test_mask_kept_exactly_with_large_lr(splits, byte_tokenizer, tmp_path):
     assert masked == 14
 
 
+def test_dense_schedule_trains_every_weight(splits, byte_tokenizer):
+    """schedule=dense (adapting a teacher): no mask, so pruned zeros are trained like every other weight."""
+    model = pruned(build_model("llama"), "unstructured", 0.5)
+    before = zeros(model)
+    model, result = finetune(model, None, splits, tokenizer=byte_tokenizer, steps=3, lr=0.01, distill="none",
+                             schedule="dense", warmup_steps=0, evaluate=False, **SMALL)
+    after = zeros(model)
+    assert result.sparsity < 0.01
+    assert all(not after[name][mask].any() for name, mask in before.items())  # every former zero moved
+
+
 def test_mask_manager_gradient_and_state_with_adamw():
     torch.manual_seed(0)
     layer = torch.nn.Linear(8, 4)

@@ -29,7 +29,8 @@ def add_parser(sub, add_data_args) -> None:
     f.add_argument("--squarehead-weight", type=float, default=None, help="weight of the SquareHead loss")
     f.add_argument("--temperature", type=float, default=None, help="KD temperature (1)")
     f.add_argument("--schedule", default=None, choices=list(SCHEDULES),
-                   help="constant: keep the student's zeros (default); gmp: prune gradually (cubic schedule)")
+                   help="constant: keep the student's zeros (default); gmp: prune gradually (cubic schedule); "
+                        "dense: train every weight, no mask (e.g. adapt a dense teacher to the data first)")
     f.add_argument("--sparsity", type=float, default=None, help="gmp: final fraction of zeros (implied by N:M)")
     f.add_argument("--pattern", default=None, help="gmp: unstructured (default) or N:M such as 2:4")
     f.add_argument("--initial-sparsity", type=float, default=None, help="gmp: sparsity at --prune-start (0)")

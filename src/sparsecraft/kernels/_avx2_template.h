@@ -23,10 +23,14 @@ SC_AVX2 SC_NOINLINE static void FN(bm_gemv_pair)(const float *x, const uint64_t 
         const uint64_t u0 = m0[w], u1 = m1[w];
         const float *xp = x + w * 64;
         /* the value cursors depend on the mask words, so the out-of-order core cannot run far ahead by itself */
+#if SC_PF_VALUES > 0
         _mm_prefetch((const char *)v0 + SC_PF_VALUES, _MM_HINT_T0);
         _mm_prefetch((const char *)v1 + SC_PF_VALUES, _MM_HINT_T0);
+#endif
+#if SC_PF_MASK > 0
         _mm_prefetch((const char *)(m0 + w) + SC_PF_MASK, _MM_HINT_T0);
         _mm_prefetch((const char *)(m1 + w) + SC_PF_MASK, _MM_HINT_T0);
+#endif
 #define STEP(B, A, BB)                                                         \
     {                                                                          \
         uint64_t i0 = LUTOFF(u0, B), i1 = LUTOFF(u1, B);                     \

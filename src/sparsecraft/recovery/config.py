@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from ..patterns import Pattern, resolve_sparsity
 from ..yamlconfig import YamlConfig
 
-SCHEDULES = ("constant", "gmp")
+SCHEDULES = ("constant", "gmp", "dense")
 SCORES = ("magnitude", "wanda")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -155,8 +155,8 @@ class FinetuneConfig(YamlConfig):
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}: use constant (keep the student's zeros) or "
-                              "gmp (gradual magnitude pruning)")
+            raise ConfigError(f"unknown schedule {self.schedule!r}: use constant (keep the student's zeros), "
+                              "gmp (gradual magnitude pruning) or dense (no mask: e.g. to adapt a teacher)")
         if self.score not in SCORES:
             raise ConfigError(f"unknown score {self.score!r}: use magnitude or wanda")
         pattern = Pattern.parse(self.pattern)
@@ -183,7 +183,8 @@ class FinetuneConfig(YamlConfig):
                                   f"{self.end_step}: need prune_start < prune_end <= steps ({self.steps})")
         elif self.sparsity is not None or pattern.is_nm:
             raise ConfigError("--sparsity and --pattern choose the target of --schedule gmp; with --schedule "
-                              "constant the student's own zeros are the mask: drop them")
+                              f"{self.schedule} they mean nothing (constant keeps the student's own zeros, dense "
+                              "trains every weight): drop them")
 
     def differences(self, other: FinetuneConfig) -> list[str]:
         """Fields that differ from `other` and would change the run's trajectory."""

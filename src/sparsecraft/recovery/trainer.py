@@ -265,7 +265,7 @@ def finetune(student, teacher=None, data: str | Path | TextSplits = "builtin",
     if cfg.schedule == "gmp":
         for t in targets:
             check_columns(weight_matrix(t.module).shape[1], cfg.parsed_pattern, layer=t.name)
-    masks = MaskManager.from_targets(targets, dense=cfg.schedule == "gmp")
+    masks = MaskManager.from_targets(targets, dense=cfg.schedule in ("gmp", "dense"))
     sparsity_before = masks.weight_sparsity()
     if cfg.schedule == "constant" and masks.sparsity() < MIN_CONSTANT_SPARSITY:
         raise ModelError(f"the student has no sparsity to keep ({masks.sparsity():.2%} zeros in its prunable layers) "
