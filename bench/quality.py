@@ -117,15 +117,15 @@ def main() -> None:
             r = cache.run(spec)
             r["setting"], r["row"] = setting, name
             results.append(r)
-            if search and name == "+ search":
-                notes.append(replay_check(cache, base, setting, r, args.search_budget, results, table, dense,
-                                          baseline))
             if name == "sparsegpt":
                 baseline = r["perplexity"]
             change = f"{(r['perplexity'] / baseline - 1):+.1%}" if baseline and name != "sparsegpt" else "-"
             table.append([name, setting, f"{r['sparsity']:.2%}", f"{r['perplexity']:.2f}",
                           f"{r['perplexity'] / dense:.2f}", change, f"{r['prune_s']:.0f}", f"{r['peak_rss_mb']:.0f}"])
             print("done: " + " | ".join(table[-1]), file=sys.stderr, flush=True)  # partial results survive a kill
+            if search and name == "+ search":
+                notes.append(replay_check(cache, base, setting, r, args.search_budget, results, table, dense,
+                                          baseline))
     finish(args, ["recipe", "setting", "sparsity", "held-out ppl", "x dense", "vs sparsegpt", "prune s",
                   "peak RSS MiB"], table, results)
     print("\n".join(notes))
