@@ -4,11 +4,8 @@
  *   EXPANDI(p, o)  __m256: the popcount(m) packed values at p placed at the set bits of mask byte m = o / 32, zeros
  *                  elsewhere (o = LUTOFF(word, b), the byte offset of m's LUT row)
  *   LOAD8(p)       __m256: 8 consecutive stored values at p converted to fp32
- *   PCB            the popcount x sizeof(WT) table with 32-byte rows (ADVANCE below)
  * Every function here is compiled for avx2/fma/f16c/popcnt and only called after a runtime CPU check. */
 
-/* move value cursor p past the values of the mask byte whose LUT offset is o */
-#define ADVANCE(p, o) ((p) = (const WT *)((const char *)(p) + *(const uint64_t *)((const char *)PCB + (o))))
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(name, SFX)
@@ -23,23 +20,19 @@ SC_AVX2 SC_NOINLINE static void FN(bm_gemv_pair)(const float *x, const uint64_t 
         const uint64_t u0 = m0[w], u1 = m1[w];
         const float *xp = x + w * 64;
         /* the value cursors depend on the mask words, so the out-of-order core cannot run far ahead by itself */
-#if SC_PF_VALUES > 0
         _mm_prefetch((const char *)v0 + SC_PF_VALUES, _MM_HINT_T0);
         _mm_prefetch((const char *)v1 + SC_PF_VALUES, _MM_HINT_T0);
-#endif
-#if SC_PF_MASK > 0
         _mm_prefetch((const char *)(m0 + w) + SC_PF_MASK, _MM_HINT_T0);
         _mm_prefetch((const char *)(m1 + w) + SC_PF_MASK, _MM_HINT_T0);
-#endif
 #define STEP(B, A, BB)                                                         \
     {                                                                          \
         uint64_t i0 = LUTOFF(u0, B), i1 = LUTOFF(u1, B);                     \
         __m256 xv = _mm256_loadu_ps(xp + 8 * B);                               \
         __asm__("" : "+x"(xv)); /* one x load for both rows, not one per FMA */ \
         A = _mm256_fmadd_ps(EXPANDI(v0, i0), xv, A);                           \
-        ADVANCE(v0, i0);                                              \
+        v0 += _mm_popcnt_u64(i0);                                              \
         BB = _mm256_fmadd_ps(EXPANDI(v1, i1), xv, BB);                         \
-        ADVANCE(v1, i1);                                              \
+        v1 += _mm_popcnt_u64(i1);                                              \
     }
         STEP(0, a0, b0) STEP(1, a1, b1) STEP(2, a0, b0) STEP(3, a1, b1)
         STEP(4, a0, b0) STEP(5, a1, b1) STEP(6, a0, b0) STEP(7, a1, b1)
@@ -85,8 +78,8 @@ SC_AVX2 SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const ui
     {                                                                          \
         uint64_t q0 = LUTOFF(u0, B), q1 = LUTOFF(u1, B);                       \
         __m256 w0 = EXPANDI(v0, q0), w1 = EXPANDI(v1, q1);                     \
-        ADVANCE(v0, q0);                                              \
-        ADVANCE(v1, q1);                                              \
+        v0 += _mm_popcnt_u64(q0);                                              \
+        v1 += _mm_popcnt_u64(q1);                                              \
         const float *xb = xp + 8 * B;                                          \
         FMA6(w0, w1)                                                           \
     }
@@ -216,4 +209,3 @@ SC_AVX2 static void FN(run_avx2)(const Job *j, int64_t r0, int64_t r1) {
 #undef FN
 #undef CAT
 #undef CAT_
-#undef ADVANCE

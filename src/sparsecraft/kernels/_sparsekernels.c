@@ -27,7 +27,7 @@
 #define SC_HAVE_AVX2 1
 #include <cpuid.h>
 #include <immintrin.h>
-#define SC_AVX2 __attribute__((target("avx2,fma,f16c,popcnt,bmi,bmi2")))
+#define SC_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
 #define SC_NOINLINE __attribute__((noinline))
 #else
 #define SC_HAVE_AVX2 0
@@ -169,10 +169,6 @@ static void run_scalar(const Job *j, int64_t r0, int64_t r1) {
 static uint8_t LUT_BF16[256][32] __attribute__((aligned(32))); /* fp32 lane = bf16 << 16 */
 static uint8_t LUT_F16[256][16] __attribute__((aligned(16)));  /* 8 x fp16, then vcvtph2ps */
 static int32_t LUT_F32[256][8] __attribute__((aligned(32)));   /* vpermps index; sign bit set = zero lane */
-/* popcount(m) x element size at the same 32-byte row stride as the LUTs, so that advancing the value cursor past
- * mask byte m is one add from memory at the LUT offset (instead of popcnt + lea, which compete for ALU slots) */
-static uint64_t PCB2[256][4] __attribute__((aligned(32)));
-static uint64_t PCB4[256][4] __attribute__((aligned(32)));
 
 static void init_luts(void) {
     for (int m = 0; m < 256; ++m) {
@@ -188,8 +184,6 @@ static void init_luts(void) {
             LUT_F32[m][i] = on ? p : (int32_t)0x80000000u;
             p += on;
         }
-        PCB2[m][0] = 2u * (uint64_t)p;
-        PCB4[m][0] = 4u * (uint64_t)p;
     }
 }
 
@@ -208,9 +202,7 @@ SC_AVX2 static inline float hsum256(__m256 v) {
 #define SC_PF_MASK 1024
 #endif
 /* Byte b of mask word u times 32: the offset of its 32-byte LUT row. */
-#define LUTOFF(u, b) (SC_ROTR64((u), (8 * (b) + 59) & 63) & 0x1fe0u)
-/* a rotate, not a shift: bits 5..12 are the same, and with BMI2 it is one rorx (no register copy) */
-#define SC_ROTR64(u, n) (((u) >> (n)) | ((u) << ((64 - (n)) & 63)))
+#define LUTOFF(u, b) ((b) == 0 ? ((u) << 5) & 0x1fe0u : ((u) >> (8 * (b) - 5)) & 0x1fe0u)
 /* Expand: the popcount(m) packed values at p placed at the set bits of mask byte m (zeros elsewhere), as 8 fp32
  * lanes. `off` is m * 32, the byte offset of m's LUT row (the f16 LUT has 16-byte rows, so it is halved). */
 SC_AVX2 static inline __m256 expandi_bf16(const uint16_t *p, uint64_t off) {
@@ -237,41 +229,35 @@ SC_AVX2 static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(
 
 #define SFX f32
 #define WT float
-#define PCB PCB4
 #define EXPANDI(p, o) expandi_f32(p, o)
 #define LOAD8(p) load8_f32(p)
 #include "_avx2_template.h"
 #undef SFX
 #undef WT
-#undef PCB
 #undef EXPANDI
 #undef LOAD8
 
 #define SFX bf16
 #define WT uint16_t
-#define PCB PCB2
 #define EXPANDI(p, o) expandi_bf16(p, o)
 #define LOAD8(p) load8_bf16(p)
 #include "_avx2_template.h"
 #undef SFX
 #undef WT
-#undef PCB
 #undef EXPANDI
 #undef LOAD8
 
 #define SFX f16
 #define WT uint16_t
-#define PCB PCB2
 #define EXPANDI(p, o) expandi_f16(p, o)
 #define LOAD8(p) load8_f16(p)
 #include "_avx2_template.h"
 #undef SFX
 #undef WT
-#undef PCB
 #undef EXPANDI
 #undef LOAD8
 
-static int cpu_avx2 = -1; /* avx2 + fma + f16c + popcnt + bmi1/2, with OS support for ymm state */
+static int cpu_avx2 = -1; /* avx2 + fma + f16c + popcnt, with OS support for ymm state */
 static int detect_avx2(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
@@ -282,7 +268,7 @@ static int detect_avx2(void) {
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     if ((lo & 6u) != 6u) return 0; /* xmm and ymm state enabled by the OS */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    return ((b >> 5) & 1) && ((b >> 3) & 1) && ((b >> 8) & 1); /* avx2, bmi1, bmi2 */
+    return (b >> 5) & 1; /* avx2 */
 }
 #endif
 
