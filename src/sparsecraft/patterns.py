@@ -81,6 +81,19 @@ def resolve_sparsity(pattern: Pattern, sparsity: float | None) -> float:
     return implied
 
 
+class PatternSparsity:
+    """For configs with `pattern` (a pattern string) and `sparsity` (None for N:M) fields: the parsed pattern and
+    the fraction of zeros it asks for. Shared by Recipe and FinetuneConfig."""
+
+    @property
+    def parsed_pattern(self) -> Pattern:
+        return Pattern.parse(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        return resolve_sparsity(self.parsed_pattern, self.sparsity)
+
+
 def prune_count(total: int, sparsity: float) -> int:
     """Number of weights to remove out of `total` (floored, as the reference implementations do)."""
     return int(total * sparsity + 1e-9)

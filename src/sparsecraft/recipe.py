@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .errors import ConfigError
-from .patterns import Pattern, resolve_sparsity
+from .patterns import Pattern, PatternSparsity, resolve_sparsity
 from .yamlconfig import YamlConfig
 
 
 @dataclass
-class Recipe(YamlConfig):
+class Recipe(PatternSparsity, YamlConfig):
     """What to prune, how, and with which calibration data.
 
     `targets`/`ignore` are regexes searched in module names (e.g. ``mlp``, ``lm_head``); the default
@@ -52,14 +52,6 @@ class Recipe(YamlConfig):
 
     def __post_init__(self) -> None:
         self.validate()
-
-    @property
-    def parsed_pattern(self) -> Pattern:
-        return Pattern.parse(self.pattern)
-
-    @property
-    def target_sparsity(self) -> float:
-        return resolve_sparsity(self.parsed_pattern, self.sparsity)
 
     @property
     def needs_data(self) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import ConfigError
-from ..patterns import Pattern, resolve_sparsity
+from ..patterns import Pattern, PatternSparsity, resolve_sparsity
 from ..yamlconfig import YamlConfig
 
 SCHEDULES = ("constant", "gmp", "dense")
@@ -28,7 +28,7 @@ RESUMABLE_CHANGES = ("progress", "checkpoint_every", "keep_checkpoints", "eval_e
 
 
 @dataclass
-class FinetuneConfig(YamlConfig):
+class FinetuneConfig(PatternSparsity, YamlConfig):
     """What to fine-tune, how long, with which losses and which sparsity schedule.
 
     Losses: ``ce_weight`` x causal-LM cross-entropy + ``kd_weight`` x KL(teacher || student) on the logits at
@@ -94,14 +94,6 @@ class FinetuneConfig(YamlConfig):
     def needs_teacher(self) -> bool:
         _, kd, sq = self.weights
         return kd > 0 or sq > 0
-
-    @property
-    def parsed_pattern(self) -> Pattern:
-        return Pattern.parse(self.pattern)
-
-    @property
-    def target_sparsity(self) -> float:
-        return resolve_sparsity(self.parsed_pattern, self.sparsity)
 
     @property
     def end_step(self) -> int:
