@@ -248,6 +248,21 @@ def test_gmp_reaches_exact_sparsity(splits, byte_tokenizer, pattern, score):
     assert result.config["schedule"] == "gmp"
 
 
+def test_gmp_distills_from_a_copy_of_the_dense_in_memory_student(splits, byte_tokenizer):
+    """An in-memory student records no source model; for gradual pruning its dense self (copied before the first
+    step) is the default teacher, so KD starts at zero and the given module is pruned in place."""
+    model = build_model("llama")
+    seen = []
+    out, result = finetune(model, None, splits, tokenizer=byte_tokenizer, schedule="gmp", sparsity=0.5, steps=3,
+                           prune_start=1, prune_every=1, distill="kd", lr=0.01, evaluate=False,
+                           on_step=lambda step, record: seen.append(record), **SMALL)
+    assert seen[0]["kd"] == pytest.approx(0.0, abs=1e-6)  # step 0: still dense, the teacher is itself
+    assert seen[-1]["kd"] > 1e-4
+    assert result.sparsity == pytest.approx(0.5, abs=1e-3)
+    with pytest.raises(ConfigError, match="needs a teacher"):  # a pruned in-memory student has no dense self
+        finetune(out, None, splits, tokenizer=byte_tokenizer, steps=1, distill="kd", evaluate=False, **SMALL)
+
+
 def test_gmp_masks_transposed_conv1d():
     model = build_model("gpt2")
     targets = select_targets(model)

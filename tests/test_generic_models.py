@@ -91,3 +91,28 @@ def test_model_without_logits_is_refused():
 
     with pytest.raises(ModelError, match="logits"):
         sparsecraft.evaluate(Bad(), ids(), seqlen=16, progress=False)
+
+
+def test_weights_that_are_not_linear_layers_are_named_in_a_warning():
+    """Fused mixture-of-experts weights (transformers' 3-D expert tensors) are not nn.Linear: pruning says so
+    instead of silently reporting a sparsity the model does not have."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    torch.manual_seed(0)
+    moe = AutoModelForCausalLM.from_config(MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
+    fused = [n for n, p in moe.named_parameters() if p.dim() == 3]
+    with pytest.warns(UserWarning, match=r"not nn.Linear/Conv1D layers .* stay dense") as caught:
+        sparsecraft.prune(moe, ids(), method="wanda", sparsity=0.5, progress=False)
+    from sparsecraft.models import unprunable_weights
+
+    left = dict(unprunable_weights(moe))  # the 3-D expert tensors, and the routers (not Linear in transformers 5)
+    assert fused and set(fused) <= set(left)
+    message = str(caught[0].message)
+    assert f"{len(left)} weight tensors" in message and f"{sum(left.values()):,} parameters" in message
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every block weight is a Linear here: no warning
+        sparsecraft.prune(TinyLM().eval(), ids(), method="wanda", sparsity=0.5, progress=False)

@@ -186,6 +186,23 @@ def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     return best[1], list(best[2])
 
 
+def unprunable_weights(model: nn.Module) -> list[tuple[str, int]]:
+    """(name, numel) of the weight tensors (2-D or more) inside the transformer blocks that no nn.Linear/Conv1D
+    owns, such as the fused expert tensors of mixture-of-experts models: sparsecraft cannot prune them."""
+    _, blocks = find_blocks(model)
+    if len(blocks) == 1 and blocks[0] is model:
+        return []
+    inside = {id(m) for block in blocks for m in block.modules()}
+    found = []
+    for name, module in model.named_modules():
+        if id(module) not in inside or is_prunable(module):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() >= 2:
+                found.append((f"{name}.{pname}", p.numel()))
+    return found
+
+
 @dataclass
 class Target:
     """One layer to prune: its full name, the module, and the block it lives in (None = outside)."""

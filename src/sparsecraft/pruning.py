@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +13,8 @@ from . import permute
 from .allocation import apply_overrides, owl, uniform
 from .calibrate import columns, run_sequential
 from .errors import ConfigError, DataError
-from .models import Target, find_blocks, resolve_device, select_targets, set_weight_matrix, weight_matrix
+from .models import (Target, find_blocks, resolve_device, select_targets, set_weight_matrix, unprunable_weights,
+                     weight_matrix)
 from .patterns import check_columns
 from .recipe import Recipe
 from .registry import get_method, get_refiner
@@ -70,6 +72,21 @@ def check_targets(targets: list[Target], recipe: Recipe) -> None:
         check_columns(columns(t), pattern, layer=t.name)
 
 
+def warn_unprunable(model: nn.Module, targets: list[Target]) -> None:
+    """Say so when weight matrices inside the blocks are not layers sparsecraft prunes (fused MoE experts...):
+    the model's overall sparsity will then be well below the recipe's."""
+    left = unprunable_weights(model)
+    if not left:
+        return
+    left_numel = sum(n for _, n in left)
+    pruned = sum(weight_matrix(t.module).numel() for t in targets)
+    warnings.warn(
+        f"{len(left)} weight tensors inside the transformer blocks ({left_numel:,} parameters, "
+        f"{left_numel / max(left_numel + pruned, 1):.0%} of the blocks' weights; e.g. {left[0][0]}) are not "
+        "nn.Linear/Conv1D layers (fused mixture-of-experts weights, for example) and stay dense; only the "
+        f"{len(targets)} linear layers are pruned", UserWarning, stacklevel=3)
+
+
 def relative_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor) -> float:
     """||(W - What) X||_F / ||W X||_F from H = 2 X^T X / n (the factor cancels)."""
     num = reconstruction_error(dense, pruned, hessian).sum()
@@ -90,6 +107,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Reci
     dev = resolve_device(device)
     targets = select_targets(model, recipe.targets, recipe.ignore)
     check_targets(targets, recipe)
+    warn_unprunable(model, targets)
     needs_hessian = recipe.dense_targets or "hessian" in (method.needs, *(r.needs for r in refiners))
     needs_data = recipe.needs_data
     report = PruneReport(recipe.to_dict())

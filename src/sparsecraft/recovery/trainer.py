@@ -13,6 +13,7 @@ from the newest one and ends bit for bit where an uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 import shutil
@@ -289,6 +290,8 @@ def finetune(student, teacher=None, data: str | Path | TextSplits = "builtin",
     if cfg.needs_teacher:
         if teacher is None:
             teacher = default_teacher(student_spec, student_meta, cfg)
+            if teacher is None and cfg.schedule == "gmp":  # an in-memory student: its dense self, copied now
+                teacher = copy.deepcopy(student_model).eval().requires_grad_(False)
             if teacher is None:
                 raise ConfigError("distillation (--distill kd/squarehead) needs a teacher and the student does not "
                                   "record the model it was pruned from: pass --teacher (the dense model), or "
