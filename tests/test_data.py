@@ -87,8 +87,56 @@ def test_file_split_without_blank_lines(tmp_path):
 def test_small_file_used_whole(tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text("just a few words\n", encoding="utf-8")
-    splits = load_text(path)
+    with pytest.warns(UserWarning, match="too small to hold text out"):
+        splits = load_text(path)
     assert splits.calibration.strip() == splits.evaluation.strip() == "just a few words"
+
+
+def test_one_line_file_is_cut_at_whitespace_and_held_out(tmp_path):
+    words = [f"w{i}" for i in range(40_000)]  # ~240k characters on one line, no newline at all
+    path = tmp_path / "oneline.txt"
+    path.write_text(" ".join(words), encoding="utf-8")
+    splits = load_text(path)
+    cal, ev = splits.calibration.split(), splits.evaluation.split()
+    assert sorted(cal + ev, key=lambda w: int(w[1:])) == words  # every word once, none cut in two
+    assert 0.15 < len(ev) / len(words) < 0.25 and not set(cal) & set(ev)
+    assert max(len(line) for line in (splits.calibration + "\n" + splits.evaluation).split("\n")) <= 4 * data.SECTION_CHARS
+
+
+def test_crlf_and_byte_order_mark_read_as_plain_text(tmp_path):
+    paras = [f"Paragraph {i}. " + " ".join(f"v{i}_{j}" for j in range(300)) for i in range(10)]
+    unix, windows = tmp_path / "unix.txt", tmp_path / "windows.txt"
+    unix.write_text("\n\n".join(paras), encoding="utf-8")
+    windows.write_bytes(b"\xef\xbb\xbf" + "\r\n\r\n".join(paras).encode())
+    a, b = load_text(unix), load_text(windows)
+    assert (a.calibration, a.evaluation) == (b.calibration, b.evaluation)
+    assert "\r" not in b.calibration and not b.calibration.startswith("\ufeff")
+
+
+def test_jsonl_and_directory_sources(tmp_path):
+    import json
+
+    docs = [f"Document {i}. " + " ".join(f"d{i}_{j}" for j in range(400)) for i in range(10)]
+    (tmp_path / "corpus").mkdir()
+    jsonl = tmp_path / "corpus" / "b.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs[5:])) + "\n")
+    (tmp_path / "corpus" / "a.txt").write_text("\n\n".join(docs[:5]))
+    (tmp_path / "corpus" / "notes.md").write_text("ignored")
+    whole = load_text(tmp_path / "corpus")
+    assert paragraphs(whole.calibration) + paragraphs(whole.evaluation) != []
+    assert sorted(paragraphs(whole.calibration) + paragraphs(whole.evaluation)) == sorted(docs)
+    only = load_text(jsonl)
+    assert sorted(paragraphs(only.calibration) + paragraphs(only.evaluation)) == sorted(docs[5:])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    with pytest.raises(DataError, match="line 2 has no string 'text' field"):
+        load_text(bad)
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(DataError, match="line 2 is not JSON"):
+        load_text(bad)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="holds no .txt or .jsonl files"):
+        load_text(tmp_path / "empty_dir")
 
 
 @pytest.mark.parametrize("spec", ["missing.txt", "no/such/dir/file", "./nope"])

@@ -6,7 +6,9 @@ Every source is split into a calibration part and a disjoint evaluation part:
   topics), and every fifth section (index % 5 == 4) is held out for evaluation: about 20% of the text,
   drawn from across the whole corpus, none of it ever seen in calibration.
 - a text file: the same, treating the file as one document (lines instead of paragraphs when it has
-  no blank lines); a file too small for five sections is used whole for both parts.
+  no blank lines, and whitespace inside a line longer than a section); a file too small for five sections is
+  used whole for both parts (with a warning). A ``.jsonl`` file is one document per line (its ``text`` field);
+  a directory is one document per ``*.txt`` / ``*.jsonl`` file in it, sorted by name.
 - ``wikitext2``: the train split for calibration, the test split for evaluation (as in the papers).
 - ``c4``: the first shard of the train split for calibration, validation for evaluation.
 """
@@ -14,6 +16,7 @@ Every source is split into a calibration part and a disjoint evaluation part:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +35,34 @@ class TextSplits:
     evaluation: str
 
 
+def _cut_long(part: str, size: int) -> list[str]:
+    """A paragraph or line longer than eight sections (a text file written as one line, say), cut at whitespace into
+    pieces of about `size` characters; anything shorter stays whole, as real paragraphs do."""
+    if len(part) <= 8 * size:
+        return [part]
+    pieces, start = [], 0
+    while len(part) - start > 2 * size:
+        cut = part.rfind(" ", start + size // 2, start + size)
+        cut = cut if cut > start else start + size  # no space: cut mid-word
+        pieces.append(part[start:cut])
+        start = cut + (part[cut:cut + 1] == " ")
+    pieces.append(part[start:])
+    return [p for p in pieces if p.strip()]
+
+
 def sections(text: str, size: int = SECTION_CHARS) -> list[str]:
-    """Cut `text` into consecutive pieces of about `size` characters at paragraph (else line) breaks."""
+    """Cut `text` into consecutive pieces of about `size` characters at paragraph (else line, else whitespace)
+    breaks."""
     sep = "\n\n" if "\n\n" in text else "\n"
     pieces, current = [], []
     for part in (p for p in text.split(sep) if p.strip()):
+        cut = _cut_long(part, size)
+        if len(cut) > 1:  # a long line on its own: its pieces are sections, whitespace kept inside each
+            if current:
+                pieces.append(sep.join(current))
+                current = []
+            pieces.extend(cut)
+            continue
         current.append(part)
         if sum(len(c) for c in current) >= size:
             pieces.append(sep.join(current))
@@ -52,6 +78,9 @@ def split_documents(name: str, docs: list[str]) -> TextSplits:
     if not parts:
         raise DataError(f"{name} holds no text")
     if len(parts) < HOLDOUT_EVERY:
+        warnings.warn(f"{name} is too small to hold text out ({len(parts)} sections of ~{SECTION_CHARS} characters, "
+                      f"fewer than {HOLDOUT_EVERY}): it is used whole for calibration and evaluation, so evaluation "
+                      "sees calibration text", UserWarning, stacklevel=2)
         whole = "\n\n".join(parts)
         return TextSplits(name, whole, whole)
     held = [p for i, p in enumerate(parts) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
@@ -69,16 +98,51 @@ def builtin_splits() -> TextSplits:
     return split_documents("builtin", [topics[key].strip() for key in sorted(topics)])
 
 
-def file_splits(path: Path) -> TextSplits:
-    if not path.is_file():
-        raise DataError(f"text file {path} does not exist")
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text: pass a plain text file") from None
-    if not text.strip():
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _jsonl_documents(path: Path) -> list[str]:
+    """The `text` field of every line of a JSON-lines file."""
+    import json
+
+    docs = []
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {number} is not JSON ({exc.msg}): a .jsonl file holds one JSON object "
+                            "per line, with a 'text' field") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path} line {number} has no string 'text' field: a .jsonl file holds one JSON object "
+                            "per line, with a 'text' field")
+        docs.append(record["text"])
+    return docs
+
+
+def _documents(path: Path) -> list[str]:
+    return _jsonl_documents(path) if path.suffix.lower() == ".jsonl" else [_read_text(path)]
+
+
+def file_splits(path: Path) -> TextSplits:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in (".txt", ".jsonl"))
+        if not files:
+            raise DataError(f"directory {path} holds no .txt or .jsonl files: pass a text file or a directory of them")
+        docs = [doc for f in files for doc in _documents(f)]
+    elif not path.is_file():
+        raise DataError(f"text file {path} does not exist")
+    else:
+        docs = _documents(path)
+    if not any(doc.strip() for doc in docs):
         raise DataError(f"text file {path} is empty")
-    return split_documents(str(path), [text])
+    return split_documents(str(path), docs)
 
 
 _HF_DATASETS = {
@@ -123,7 +187,8 @@ def hf_splits(name: str) -> TextSplits:
 
 
 def load_text(spec: str | Path = "builtin") -> TextSplits:
-    """Resolve a data spec: 'builtin', 'wikitext2', 'c4' or a path to a UTF-8 text file."""
+    """Resolve a data spec: 'builtin', 'wikitext2', 'c4', or a path to a UTF-8 text file, a .jsonl file (one
+    {"text": ...} per line) or a directory of them."""
     spec = str(spec)
     if spec == "builtin":
         return builtin_splits()
