@@ -11,7 +11,7 @@ from .errors import SparsecraftError
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
-                   help="builtin (default: CPython docs, held-out split), wikitext2, c4 (local HF datasets) "
+                   help="builtin (default: CPython docs, held-out split), wikitext2, c4 (local HF datasets), "
                         "a UTF-8 text file, a .jsonl file ({\"text\": ...} per line) or a directory of them")
     p.add_argument("--max-eval-windows", type=int, default=None, help="evaluate on at most this many windows")
     p.add_argument("--eval-batch-size", type=int, default=4)
