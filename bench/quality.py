@@ -82,7 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", default="0.7,2:4,4:8,0.6,0.5", help="sparsities and/or N:M patterns")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"which rows to run, from: {', '.join(ROWS)}")
-    ap.add_argument("--search-at", default="0.7", help="unstructured settings that get the search rows")
+    ap.add_argument("--search-at", default="0.5,0.6,0.7", help="unstructured settings that get the search rows")
     ap.add_argument("--search-budget", default="10m", help="time budget of each search row")
     ap.add_argument("--fitness-samples", type=int, default=4, help="windows scoring each search candidate")
     ap.add_argument("--cache", default=str(Path(__file__).parent / "results" / "quality-cache.json"))
