@@ -70,11 +70,15 @@ class RowCache:
         self.rows = json.loads(self.path.read_text()) if self.path and self.path.exists() else {}
         self.runner, self.ignore, self.stamp = run, ignore, stamp
 
-    def run(self, spec: dict, fresh: bool = False) -> dict:
+    def run(self, spec: dict, fresh: bool = False) -> dict | None:
+        """The row for `spec`, from the cache or measured now; None when missing and the cache has no runner
+        (`RowCache(path, run=None)`: print what has been measured, measure nothing)."""
         key = json.dumps({k: v for k, v in spec.items() if k not in self.ignore}, sort_keys=True)
         if key in self.rows and not fresh:
             print(f"cached {spec['name']} (measured at {self.rows[key].get('commit', '?')})", file=sys.stderr)
             return self.rows[key]
+        if self.runner is None:
+            return None
         row = {**self.runner(spec), **(self.stamp() if self.stamp else {})}
         if self.path:
             self.rows[key] = row
