@@ -138,6 +138,16 @@ def test_eval_errors(capsys, tmp_path, llama_dir, text_file):
     assert_one_line_error(capsys, rc, "shorter than one window")
 
 
+def test_warnings_are_one_line(capsys, tmp_path, llama_dir):
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("the model weights are pruned with calibration data " * 20, encoding="utf-8")
+    rc = main(["eval", str(llama_dir), "--data", str(tiny), "--seqlen", "16", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.err.startswith("sparsecraft: warning: ") and "too small to hold text out" in captured.err
+    assert captured.err.count("\n") == 1  # no file:line, no source line
+
+
 def test_prune_and_eval_end_to_end(capsys, prune_args, text_file, tmp_path):
     out = prune_args.out
     rc = main(prune_args("--method", "wanda", "--sparsity", "0.5"))

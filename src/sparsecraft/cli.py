@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import warnings
 
 from .errors import SparsecraftError
 
@@ -221,13 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:  # also silence transformers' own bars ("Loading weights")
         hf_logging.disable_progress_bar()
     try:
-        from .cli_finetune import cmd_finetune
-        from .cli_kernels import cmd_bench, cmd_generate
-        from .cli_report import cmd_report, cmd_sweep
-
-        return {"prune": cmd_prune, "search": cmd_search, "eval": cmd_eval, "sweep": cmd_sweep,
-                "report": cmd_report, "export": cmd_export, "finetune": cmd_finetune, "bench": cmd_bench,
-                "generate": cmd_generate}[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return _run(args)
     except SparsecraftError as exc:
         print(f"sparsecraft: error: {exc}", file=sys.stderr)
         return 2
@@ -237,6 +235,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """sparsecraft's own warnings as one line (`sparsecraft: warning: ...`); others as Python prints them."""
+    if issubclass(category, UserWarning) and f"{os.sep}sparsecraft{os.sep}" in str(filename):
+        print(f"sparsecraft: warning: {message}", file=sys.stderr)
+    else:
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _run(args) -> int:
+    from .cli_finetune import cmd_finetune
+    from .cli_kernels import cmd_bench, cmd_generate
+    from .cli_report import cmd_report, cmd_sweep
+
+    return {"prune": cmd_prune, "search": cmd_search, "eval": cmd_eval, "sweep": cmd_sweep,
+            "report": cmd_report, "export": cmd_export, "finetune": cmd_finetune, "bench": cmd_bench,
+            "generate": cmd_generate}[args.command](args)
 
 
 if __name__ == "__main__":
