@@ -100,7 +100,8 @@ def test_one_line_file_is_cut_at_whitespace_and_held_out(tmp_path):
     cal, ev = splits.calibration.split(), splits.evaluation.split()
     assert sorted(cal + ev, key=lambda w: int(w[1:])) == words  # every word once, none cut in two
     assert 0.15 < len(ev) / len(words) < 0.25 and not set(cal) & set(ev)
-    assert max(len(line) for line in (splits.calibration + "\n" + splits.evaluation).split("\n")) <= 4 * data.SECTION_CHARS
+    lines = (splits.calibration + "\n" + splits.evaluation).split("\n")
+    assert max(len(line) for line in lines) <= 4 * data.SECTION_CHARS
 
 
 def test_crlf_and_byte_order_mark_read_as_plain_text(tmp_path):

@@ -13,8 +13,15 @@ from . import permute
 from .allocation import apply_overrides, owl, uniform
 from .calibrate import columns, run_sequential
 from .errors import ConfigError, DataError
-from .models import (Target, find_blocks, resolve_device, select_targets, set_weight_matrix, unprunable_weights,
-                     weight_matrix)
+from .models import (
+    Target,
+    find_blocks,
+    resolve_device,
+    select_targets,
+    set_weight_matrix,
+    unprunable_weights,
+    weight_matrix,
+)
 from .patterns import check_columns
 from .recipe import Recipe
 from .registry import get_method, get_refiner
