@@ -42,6 +42,11 @@ ROWS = {
 }
 
 
+def not_measured(name: str, setting: str) -> list[str]:
+    """A table row for a row the cache does not hold (--cached-only)."""
+    return [name, setting, "not measured"] + ["-"] * 5
+
+
 def setting_fields(setting: str) -> dict:
     return {"pattern": setting} if ":" in setting else {"pattern": "unstructured", "sparsity": float(setting)}
 
@@ -55,7 +60,7 @@ def replay_check(cache: RowCache, base: dict, setting: str, searched: dict, budg
     spec = {**base, "name": f"{setting} + search, replayed", "recipe": searched["recipe"]}
     r = cache.run(spec)
     if r is None:
-        table.append(["+ search, replayed from its recipe", setting] + ["not measured"] + ["-"] * 5)
+        table.append(not_measured("+ search, replayed from its recipe", setting))
         return f"search at {setting}: its replay is not measured yet"
     r["setting"], r["row"] = setting, "+ search, replayed"
     results.append(r)
@@ -126,7 +131,7 @@ def main() -> None:
                 spec["search"] = {"budget": args.search_budget, "fitness_samples": args.fitness_samples}
             r = cache.run(spec)
             if r is None:
-                table.append([name, setting] + ["not measured"] + ["-"] * 5)
+                table.append(not_measured(name, setting))
                 continue
             r["setting"], r["row"] = setting, name
             results.append(r)

@@ -3,11 +3,14 @@ token ids to logits can be pruned with every method, calibrated block by block."
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 import sparsecraft
+from sparsecraft.models import unprunable_weights
 from sparsecraft.patterns import Pattern, is_nm_valid
 
 VOCAB = 64
@@ -105,14 +108,10 @@ def test_weights_that_are_not_linear_layers_are_named_in_a_warning():
     fused = [n for n, p in moe.named_parameters() if p.dim() == 3]
     with pytest.warns(UserWarning, match=r"not nn.Linear/Conv1D layers .* stay dense") as caught:
         sparsecraft.prune(moe, ids(), method="wanda", sparsity=0.5, progress=False)
-    from sparsecraft.models import unprunable_weights
-
     left = dict(unprunable_weights(moe))  # the 3-D expert tensors, and the routers (not Linear in transformers 5)
     assert fused and set(fused) <= set(left)
     message = str(caught[0].message)
     assert f"{len(left)} weight tensors" in message and f"{sum(left.values()):,} parameters" in message
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every block weight is a Linear here: no warning
         sparsecraft.prune(TinyLM().eval(), ids(), method="wanda", sparsity=0.5, progress=False)
