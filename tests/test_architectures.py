@@ -11,6 +11,7 @@ import torch
 
 import sparsecraft
 from sparsecraft.models import select_targets, weight_matrix
+from sparsecraft.moe import expert_matrices, is_fused_experts
 from sparsecraft.patterns import Pattern, is_nm_valid
 
 VOCAB = 96
@@ -50,16 +51,20 @@ def build(config_name: str):
 def test_prune_save_export_and_kernels(config_name, tmp_path):
     model = build(config_name)
     ids = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the MoE models warn about their fused experts (tested elsewhere)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         _, report = sparsecraft.prune(model, ids, method="sparsegpt", pattern="2:4", refine=["dsnot"],
                                       nsamples=8, seqlen=32, progress=False)
+    assert not [w for w in caught if "stay dense" in str(w.message)]  # every block weight was pruned
     targets = select_targets(model)
-    assert {t.name for t in targets} == {r.name for r in report.layers}
     assert {t.block for t in targets} == {0, 1}  # found the two transformer blocks, calibrated in sequence
-    for t in targets:
-        w = weight_matrix(t.module)
-        assert is_nm_valid(w, Pattern(2, 4)) and int((w == 0).sum()) == w.numel() // 2, t.name
+    matrices = {t.name: weight_matrix(t.module) for t in targets}
+    for name, module in model.named_modules():  # fused MoE experts (Qwen2-MoE): pruned per expert
+        if is_fused_experts(module):
+            matrices.update({f"{name}.{suffix}": w for suffix, w in expert_matrices(module)})
+    assert set(matrices) == {r.name for r in report.layers}
+    for name, w in matrices.items():
+        assert is_nm_valid(w, Pattern(2, 4)) and int((w == 0).sum()) == w.numel() // 2, name
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all()

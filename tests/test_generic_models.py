@@ -12,6 +12,7 @@ from torch import nn
 import sparsecraft
 from sparsecraft.models import unprunable_weights
 from sparsecraft.patterns import Pattern, is_nm_valid
+from sparsecraft.registry import get_method
 
 VOCAB = 64
 
@@ -96,22 +97,56 @@ def test_model_without_logits_is_refused():
         sparsecraft.evaluate(Bad(), ids(), seqlen=16, progress=False)
 
 
-def test_weights_that_are_not_linear_layers_are_named_in_a_warning():
-    """Fused mixture-of-experts weights (transformers' 3-D expert tensors) are not nn.Linear: pruning says so
-    instead of silently reporting a sparsity the model does not have."""
-    from transformers import AutoModelForCausalLM, MixtralConfig
+class FusedBlock(Block):
+    """A block that also holds a weight matrix outside any nn.Linear (an expert layout sparsecraft does not know)."""
 
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.fused = nn.Parameter(torch.randn(2, dim, dim) * 0.1)
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.fused[0]
+
+
+def test_weights_that_are_not_linear_layers_are_named_in_a_warning():
+    """Weight tensors in the blocks that no nn.Linear owns (and that are not transformers' fused experts, which
+    are pruned per expert, see test_moe.py): pruning says so instead of silently reporting a sparsity the model
+    does not have."""
     torch.manual_seed(0)
-    moe = AutoModelForCausalLM.from_config(MixtralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)).eval()
-    fused = [n for n, p in moe.named_parameters() if p.dim() == 3]
+    model = TinyLM().eval()
+    model.blocks = nn.ModuleList(FusedBlock(32) for _ in range(3))
     with pytest.warns(UserWarning, match=r"not nn.Linear/Conv1D layers .* stay dense") as caught:
-        sparsecraft.prune(moe, ids(), method="wanda", sparsity=0.5, progress=False)
-    left = dict(unprunable_weights(moe))  # the 3-D expert tensors, and the routers (not Linear in transformers 5)
-    assert fused and set(fused) <= set(left)
+        sparsecraft.prune(model, ids(), method="wanda", sparsity=0.5, progress=False)
+    left = dict(unprunable_weights(model))
+    assert set(left) == {f"blocks.{i}.fused" for i in range(3)}
     message = str(caught[0].message)
     assert f"{len(left)} weight tensors" in message and f"{sum(left.values()):,} parameters" in message
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every block weight is a Linear here: no warning
         sparsecraft.prune(TinyLM().eval(), ids(), method="wanda", sparsity=0.5, progress=False)
+
+
+class SkippingBlock(Block):
+    """A block with a layer the forward never calls: it sees no calibration input."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.unused = nn.Linear(dim, dim)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_layer_without_calibration_inputs_falls_back_to_magnitude(method):
+    """No tokens reach a layer (an expert the router never picks): its statistics are empty, so the pruner
+    cannot weigh its weights (SparseGPT would zero the whole matrix as 'dead inputs'). It is pruned by magnitude,
+    to the exact sparsity, with a warning naming it."""
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    model.blocks = nn.ModuleList(SkippingBlock(32) for _ in range(2))
+    dense = model.blocks[1].unused.weight.detach().clone()
+    with pytest.warns(UserWarning, match=r"2 layers saw no calibration token \(e.g. blocks.0.unused.*magnitude"):
+        _, report = sparsecraft.prune(model, ids(), method=method, sparsity=0.5, progress=False)
+    pruned = model.blocks[1].unused.weight.detach()
+    expected, _ = get_method("magnitude").prune(dense, None, 0.5, Pattern.parse("unstructured"), None)
+    assert torch.equal(pruned, expected)
+    layers = {r.name: r for r in report.layers}
+    assert layers["blocks.1.unused"].sparsity == 0.5 and layers["blocks.1.up"].sparsity == 0.5

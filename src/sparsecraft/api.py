@@ -14,6 +14,7 @@ from .data import TextSplits, calibration_batch, evaluation_windows, load_text, 
 from .errors import ConfigError, DataError
 from .evaluate import layer_sparsity, overall_sparsity, perplexity
 from .models import find_blocks, load_model
+from .moe import experts_split
 from .pruning import PruneReport, prune_model
 from .recipe import Recipe
 
@@ -55,6 +56,12 @@ def prune(model: nn.Module | str, calibration="builtin", recipe: Recipe | dict |
     if isinstance(model, (str, Path)):
         model, loaded_tok = load_model(model)
         tokenizer = tokenizer or loaded_tok
+    with experts_split(model):  # fused MoE experts as one linear layer per expert, for the search too
+        report = _prune(model, calibration, recipe, tokenizer, device, progress)
+    return model, report
+
+
+def _prune(model: nn.Module, calibration, recipe: Recipe, tokenizer, device, progress: bool) -> PruneReport:
     ids = tokens = None
     if recipe.needs_data and isinstance(calibration, torch.Tensor):
         ids = calibration_ids(calibration, tokenizer, recipe)
@@ -69,7 +76,7 @@ def prune(model: nn.Module | str, calibration="builtin", recipe: Recipe | dict |
     if search is not None:
         report.seconds += search["seconds"]
         report.search = search
-    return model, report
+    return report
 
 
 def _search(model, tokens, ids, recipe: Recipe, device, progress: bool) -> tuple[Recipe, dict]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import ModelError, OutputError
+from .moe import experts_merged
 
 METADATA_FILE = "sparsecraft.json"
 RECIPE_FILE = "recipe.yaml"
@@ -79,7 +80,8 @@ def save_model(model: nn.Module, path: str | Path, tokenizer=None, metadata: dic
     path = check_output(path, force)
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with experts_merged(model):  # MoE experts split into linear layers go back to the model's own format
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / METADATA_FILE, metadata or {})

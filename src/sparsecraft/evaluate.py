@@ -10,6 +10,7 @@ from torch import nn
 
 from .calibrate import model_device
 from .models import find_blocks, is_prunable, model_logits, weight_matrix
+from .moe import expert_matrices, is_fused_experts
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True) -> float:
@@ -37,10 +38,17 @@ def layer_sparsity(model: nn.Module, in_blocks_only: bool = True) -> dict[str, d
     inside = {id(m) for b in blocks for m in b.modules()} if in_blocks_only else None
     out = {}
     for name, module in model.named_modules():
-        if is_prunable(module) and (inside is None or id(module) in inside):
-            w = weight_matrix(module)
+        if inside is not None and id(module) not in inside:
+            continue
+        if is_prunable(module):
+            matrices = [(name, weight_matrix(module))]
+        elif is_fused_experts(module):  # named as the per-expert layers sparsecraft prunes them as
+            matrices = [(f"{name}.{suffix}", w) for suffix, w in expert_matrices(module)]
+        else:
+            continue
+        for layer, w in matrices:
             zeros = int((w == 0).sum())
-            out[name] = {"shape": list(w.shape), "zeros": zeros, "sparsity": zeros / w.numel()}
+            out[layer] = {"shape": list(w.shape), "zeros": zeros, "sparsity": zeros / w.numel()}
     return out
 
 

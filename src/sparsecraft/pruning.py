@@ -22,6 +22,7 @@ from .models import (
     unprunable_weights,
     weight_matrix,
 )
+from .moe import experts_split
 from .patterns import check_columns
 from .recipe import Recipe
 from .registry import get_method, get_refiner
@@ -80,13 +81,14 @@ def check_targets(targets: list[Target], recipe: Recipe) -> None:
 
 
 def warn_unprunable(model: nn.Module, targets: list[Target]) -> None:
-    """Say so when weight matrices inside the blocks are not layers sparsecraft prunes (fused MoE experts...):
-    the model's overall sparsity will then be well below the recipe's."""
+    """Say so when weight matrices inside the blocks that are not layers sparsecraft prunes (experts fused in a
+    layout sparsecraft does not know, ...) hold 1% or more of the blocks' weights: the model's overall sparsity
+    will then be well below the recipe's. (MoE routers, a fraction of a percent, stay dense silently.)"""
     left = unprunable_weights(model)
-    if not left:
-        return
     left_numel = sum(n for _, n in left)
     pruned = sum(weight_matrix(t.module).numel() for t in targets)
+    if not left or left_numel < 0.01 * (left_numel + pruned):
+        return
     warnings.warn(
         f"{len(left)} weight tensors inside the transformer blocks ({left_numel:,} parameters, "
         f"{left_numel / max(left_numel + pruned, 1):.0%} of the blocks' weights; e.g. {left[0][0]}) are not "
@@ -104,7 +106,14 @@ def relative_error(dense: torch.Tensor, pruned: torch.Tensor, hessian: torch.Ten
 def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Recipe,
                 device: str | torch.device | None = None, progress: bool = True) -> PruneReport:
     """Prune `model` in place following `recipe`; `calibration` is a [nsamples, seqlen] LongTensor of
-    token ids (unused when nothing in the recipe needs data)."""
+    token ids (unused when nothing in the recipe needs data). Fused mixture-of-experts weights are pruned as one
+    linear layer per expert (moe.py), each calibrated on the tokens the router sends it."""
+    with experts_split(model):
+        return _prune_model(model, calibration, recipe, device, progress)
+
+
+def _prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Recipe,
+                 device: str | torch.device | None, progress: bool) -> PruneReport:
     if recipe.allocation == "search":
         raise ConfigError("allocation 'search' is resolved by sparsecraft.prune (it searches, then calls "
                           "prune_model with the found overrides); call sparsecraft.prune or use 'uniform'/'owl'")
@@ -133,6 +142,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Reci
         sparsities = apply_overrides(sparsities, recipe.overrides)
         modules = dict(model.named_modules()) if recipe.permute else {}
         permuted: set[str] = set()
+        unseen: list[str] = []  # layers no calibration token reached (experts the router never picked)
 
         def permute_block(block_targets: list[Target], stats: dict) -> None:
             """Fold an N:M-friendly input-channel permutation into each foldable target (see permute.py)."""
@@ -155,9 +165,14 @@ def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Reci
             if stats is not None and stats.has_cross:
                 dense = stats.dense_target(dense, recipe.damp)
             sparsity = sparsities[target.name]
-            new, keep = method.prune(dense, stats, sparsity, pattern, recipe)
-            for refiner in refiners:
-                new, keep = refiner.refine(dense, new, keep, stats, sparsity, pattern, recipe)
+            if stats is not None and stats.tokens == 0:  # no inputs to weigh by: fall back to magnitude
+                unseen.append(target.name)
+                new, keep = get_method("magnitude").prune(dense, None, sparsity, pattern, recipe)
+                stats = None
+            else:
+                new, keep = method.prune(dense, stats, sparsity, pattern, recipe)
+                for refiner in refiners:
+                    new, keep = refiner.refine(dense, new, keep, stats, sparsity, pattern, recipe)
             error = relative_error(dense, new, stats.hessian) if stats is not None and needs_hessian else None
             set_weight_matrix(target.module, new)
             final = weight_matrix(target.module)
@@ -183,6 +198,11 @@ def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Reci
 
             run_sequential(model, blocks, batches, targets, factory, on_block, dev, progress,
                            dense_stream=recipe.dense_targets)
+        if unseen:
+            warnings.warn(
+                f"{len(unseen)} layers saw no calibration token (e.g. {unseen[0]}: experts the router never "
+                f"picked) and were pruned by magnitude instead of {method.name}: give more or more varied "
+                "calibration samples (--nsamples)", UserWarning, stacklevel=3)
     order = {t.name: i for i, t in enumerate(targets)}
     report.layers.sort(key=lambda r: order[r.name])
     report.seconds = time.perf_counter() - start

@@ -30,6 +30,7 @@ from ..checkpoint import METADATA_FILE, RECIPE_FILE, atomic_directory, check_out
 from ..data import TextSplits, evaluation_windows, load_text, tokenize
 from ..errors import ConfigError, ModelError, OutputError
 from ..models import find_blocks, load_model, select_targets, weight_matrix
+from ..moe import ExpertLinears, experts_merged, experts_split, merge_experts, split_experts
 from ..patterns import check_columns
 from .batches import WindowStream, pack
 from .config import FinetuneConfig, make_config
@@ -228,6 +229,15 @@ def finetune(student, teacher=None, data: str | Path | TextSplits = "builtin",
     KeyboardInterrupt) right after that step's checkpoint, as a kill would.
     Returns the fine-tuned student (unwrapped) and a FinetuneResult.
     """
+    with experts_split(student) if isinstance(student, nn.Module) else contextlib.nullcontext():
+        return _finetune(student, teacher, data, config, tokenizer=tokenizer, out=out, force=force,
+                         checkpoint_dir=checkpoint_dir, resume=resume, evaluate=evaluate, eval_windows=eval_windows,
+                         device=device, on_step=on_step, stop_after=stop_after, **overrides)
+
+
+def _finetune(student, teacher, data, config, *, tokenizer, out, force, checkpoint_dir, resume, evaluate,
+              eval_windows, device, on_step, stop_after, **overrides) -> tuple[nn.Module, FinetuneResult]:
+    """finetune() once a module student's fused MoE experts are split (moe.py); see finetune."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -260,6 +270,7 @@ def finetune(student, teacher=None, data: str | Path | TextSplits = "builtin",
 
     # the student, its targets and its mask (every check that needs no teacher comes first)
     student_model, student_tok, student_meta, student_spec = _as_model(student)
+    split_experts(student_model)  # fused MoE experts: one linear layer (and mask) per expert while training
     tokenizer = tokenizer or student_tok
     weights = dict(zip(("ce", "kd", "squarehead"), cfg.weights))
     targets = select_targets(student_model, cfg.targets, cfg.ignore)
@@ -313,6 +324,10 @@ def finetune(student, teacher=None, data: str | Path | TextSplits = "builtin",
     if precision == "auto":
         precision = "bf16" if not use_cpu and torch.cuda.is_bf16_supported() else "fp32"
     accelerator = Accelerator(cpu=use_cpu, mixed_precision="bf16" if precision == "bf16" else "no")
+    moe = any(isinstance(m, ExpertLinears) for m in student_model.modules())
+    if moe and "FSDP" in str(accelerator.distributed_type):
+        raise ConfigError("fine-tuning a mixture-of-experts model under FSDP is not supported (its experts are "
+                          "trained as one linear layer each and saved fused): use DDP (accelerate launch --multi_gpu)")
     if cfg.schedule == "gmp" and "FSDP" in str(accelerator.distributed_type):
         raise ConfigError("gradual pruning scores whole weight matrices, which FSDP shards: run --schedule gmp "
                           "with DDP (accelerate launch --multi_gpu) or one process")
@@ -473,6 +488,7 @@ def finetune(student, teacher=None, data: str | Path | TextSplits = "builtin",
         (ckpt_dir / CONFIG_FILE).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             ckpt_dir.rmdir()  # only when empty
+    merge_experts(unwrapped)
     for p in unwrapped.parameters():
         p.requires_grad_(True)
     unwrapped.eval()
@@ -534,7 +550,8 @@ def save_finetuned(model: nn.Module, out: Path, result: FinetuneResult, *, token
         recipe_text = (Path(student_spec).expanduser() / RECIPE_FILE).read_text()
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+        with experts_merged(model):
+            model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / METADATA_FILE, meta)

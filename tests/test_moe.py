@@ -1,0 +1,166 @@
+"""Mixture-of-experts models whose routed experts transformers fuses into 3-D tensors: split into one linear layer
+per expert (exactly the same forward), pruned per expert on the tokens routed to it, merged back into the
+model's own format, fine-tuned with every expert's mask kept, and counted per expert in the sparsity reports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import sparsecraft
+from sparsecraft.evaluate import layer_sparsity, overall_sparsity
+from sparsecraft.models import select_targets
+from sparsecraft.moe import (
+    ExpertLinears,
+    expert_matrices,
+    experts_split,
+    is_fused_experts,
+    merge_experts,
+    split_experts,
+)
+from sparsecraft.patterns import Pattern, is_nm_valid
+
+VOCAB = 96
+BASE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+MOE = {
+    "MixtralConfig": {**BASE, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "Qwen2MoeConfig": {**BASE, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                       "shared_expert_intermediate_size": 64},
+    # transposed expert tensors, biases and its own clamped, interleaved gate
+    "GptOssConfig": {**BASE, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
+                     "layer_types": ["full_attention"] * 2},
+    "DeepseekV3Config": {**BASE, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                         "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1, "q_lora_rank": None,
+                         "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 16},
+}
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, name)(**MOE[name])).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 3:  # some configs initialise the fused experts to zeros or tiny values
+                p.normal_(0, 0.05)
+    return model
+
+
+def ids(n: int = 8, seqlen: int = 32):
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(0))
+
+
+def fused_modules(model):
+    return {name: m for name, m in model.named_modules() if is_fused_experts(m)}
+
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_split_is_the_same_model_and_merge_restores_it_bit_for_bit(name):
+    model = build(name)
+    x = ids(2, 16)
+    with torch.no_grad():
+        reference = model(x).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fused_modules(model)
+    assert len(fused) == 2
+    names = split_experts(model)
+    assert names == list(fused) and not fused_modules(model)
+    experts = model.get_submodule(names[0])
+    assert isinstance(experts, ExpertLinears) and experts.num_experts == 4
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reference)
+    assert merge_experts(model) == names
+    after = model.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("name", ["MixtralConfig", "GptOssConfig"])
+def test_pruned_per_expert_then_merged_into_the_model_format(name, tmp_path):
+    model = build(name)
+    _, report = sparsecraft.prune(model, ids(), method="sparsegpt", pattern="2:4", nsamples=8, seqlen=32,
+                                  progress=False)
+    fused = fused_modules(model)
+    assert len(fused) == 2  # merged back: transformers' own modules and 3-D tensors
+    expert_layers = {f"{m}.{suffix}": w for m, module in fused.items() for suffix, w in expert_matrices(module)}
+    assert len(expert_layers) == 2 * 4 * 2
+    assert set(expert_layers) <= {r.name for r in report.layers}
+    for layer, w in expert_layers.items():  # [out, in] per expert, groups along the input
+        assert is_nm_valid(w, Pattern(2, 4)) and int((w == 0).sum()) == w.numel() // 2, layer
+    counted = layer_sparsity(model)
+    assert {n: v["sparsity"] for n, v in counted.items() if n in expert_layers} == dict.fromkeys(expert_layers, 0.5)
+
+    with torch.no_grad():
+        logits = model(ids(2, 16)).logits
+    sparsecraft.save(model, tmp_path / "pruned", report=report)
+    back = sparsecraft.load(tmp_path / "pruned", kernels=False)
+    assert len(fused_modules(back)) == 2
+    with torch.no_grad():
+        assert torch.equal(back(ids(2, 16)).logits, logits)
+
+
+def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
+    """Wanda on one expert must weigh its columns by the norms of the inputs that expert received, not by all
+    tokens: recompute them from the router's choices with a hook and compare the masks."""
+    model = build("MixtralConfig")
+    block = model.model.layers[0].mlp
+    routed: dict[int, list[torch.Tensor]] = {e: [] for e in range(4)}
+
+    def capture(module, args, output):
+        hidden, top_k_index = args[0], args[1]
+        for e in range(4):
+            routed[e].append(hidden[(top_k_index == e).any(-1)].detach().clone())
+
+    handle = block.experts.register_forward_hook(capture)
+    with torch.no_grad():  # block 0 sees the dense embeddings whatever is pruned later
+        model(ids())
+    handle.remove()
+    dense = {e: block.experts.gate_up_proj[e].detach().clone() for e in range(4)}
+    sparsecraft.prune(model, ids(), method="wanda", sparsity=0.5, nsamples=8, seqlen=32, batch_size=8,
+                      progress=False)
+    for e in range(4):
+        x = torch.cat(routed[e]).float()
+        assert x.shape[0] > 0
+        scores = dense[e].abs() * x.norm(dim=0).unsqueeze(0)
+        kept = block.experts.gate_up_proj[e] != 0
+        assert torch.equal(kept.sum(1), torch.full((kept.shape[0],), kept.shape[1] // 2))
+        mine = torch.zeros_like(kept)
+        mine.scatter_(1, scores.argsort(dim=1, descending=True)[:, : kept.shape[1] // 2], True)
+        assert (mine == kept).float().mean() > 0.99, e  # the same mask up to float ties
+
+
+def test_finetune_keeps_every_expert_mask_and_returns_the_model_format(tmp_path):
+    model = build("Qwen2MoeConfig")
+    sparsecraft.prune(model, ids(), method="wanda", sparsity=0.5, nsamples=8, seqlen=32, progress=False)
+    masks = {f"{m}.{s}": (w == 0).clone() for m, mod in fused_modules(model).items() for s, w in expert_matrices(mod)}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 3}
+    data = tmp_path / "text.txt"
+    data.write_text(" ".join(f"token{i % 37} word{i % 11}" for i in range(4000)))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=_word_tokenizer())
+    tuned, result = sparsecraft.finetune(model, None, str(data), tokenizer=tok, steps=4, lr=1e-2, seqlen=32,
+                                         batch_size=2, distill="none", evaluate=False)
+    assert tuned is model and len(fused_modules(tuned)) == 2
+    for m, module in fused_modules(tuned).items():
+        for suffix, w in expert_matrices(module):
+            zeros = masks[f"{m}.{suffix}"]
+            assert (w[zeros] == 0).all(), suffix
+    moved = {n: p for n, p in tuned.named_parameters() if p.dim() == 3}
+    assert moved.keys() == before.keys() and all(p.requires_grad for p in moved.values())
+    assert all(not torch.equal(moved[n], before[n]) for n in before)  # the experts were trained
+    assert result.sparsity == pytest.approx(overall_sparsity(layer_sparsity(tuned)))
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"token{i}": i for i in range(37)} | {f"word{i}": 37 + i for i in range(11)} | {"[UNK]": 48}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+def test_split_inside_the_context_only():
+    model = build("MixtralConfig")
+    with experts_split(model) as names:
+        assert len(names) == 2 and any(t.name.endswith(".3.down_proj") for t in select_targets(model))
+    assert len(fused_modules(model)) == 2 and not any(isinstance(m, ExpertLinears) for m in model.modules())
