@@ -164,3 +164,33 @@ def test_split_inside_the_context_only():
     with experts_split(model) as names:
         assert len(names) == 2 and any(t.name.endswith(".3.down_proj") for t in select_targets(model))
     assert len(fused_modules(model)) == 2 and not any(isinstance(m, ExpertLinears) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", ["MixtralConfig", "GptOssConfig"])
+def test_expert_permutation_folds_exactly_then_2_4_with_permute(name):
+    """Each expert's down_proj columns permuted with the matching gate and up rows (concatenated in Mixtral,
+    interleaved in GPT-OSS): the dense model computes the same; then RIA + permute prunes every expert 2:4."""
+    from sparsecraft import permute
+
+    model = build(name)
+    x = ids(2, 16)
+    with torch.no_grad():
+        before = model(x).logits
+    g = torch.Generator().manual_seed(0)
+    with experts_split(model):
+        modules = dict(model.named_modules())
+        foldable = [t.name for t in select_targets(model) if permute.producers(modules, t.name) is not None]
+        assert {n for n in foldable if ".experts." in n} == {
+            f"model.layers.{b}.mlp.experts.{e}.down_proj" for b in range(2) for e in range(4)}
+        for layer in foldable:
+            permute.fold(modules, layer, torch.randperm(modules[layer].weight.shape[1], generator=g))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
+    model = build(name)
+    _, report = sparsecraft.prune(model, ids(), method="ria", pattern="2:4", permute=True, nsamples=8, seqlen=32,
+                                  progress=False)
+    assert {r.name for r in report.layers if r.permuted} >= {
+        f"model.layers.{b}.mlp.experts.{e}.down_proj" for b in range(2) for e in range(4)}
+    for module in fused_modules(model).values():
+        for suffix, w in expert_matrices(module):
+            assert is_nm_valid(w, Pattern(2, 4)), suffix

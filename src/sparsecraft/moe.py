@@ -49,9 +49,10 @@ class Expert(nn.Module):
     """One expert's projections as linear layers (names as in the fused module: `gate_up_proj` or `up_proj`,
     then `down_proj`)."""
 
-    def __init__(self, up_name: str, up: nn.Linear, down: nn.Linear):
+    def __init__(self, up_name: str, up: nn.Linear, down: nn.Linear, gated: str | None = None):
         super().__init__()
         self.up_name = up_name
+        self.gated = gated  # None (up_proj only), "concatenated" ([gate; up] rows) or "interleaved" (gate0, up0, ...)
         self.add_module(up_name, up)
         self.down_proj = down
 
@@ -77,11 +78,14 @@ class ExpertLinears(nn.Module):
         up_w, down_w = getattr(fused, self.up_name), fused.down_proj
         up_b = getattr(fused, f"{self.up_name}_bias") if fused.has_bias else None
         down_b = fused.down_proj_bias if fused.has_bias else None
+        gated = None if not fused.has_gate else (
+            "concatenated" if getattr(fused, "is_concatenated", True) else "interleaved")
         for e in range(up_w.shape[0]):
             self.add_module(str(e), Expert(
                 self.up_name,
                 _linear(up_w[e], None if up_b is None else up_b[e], transposed),
                 _linear(down_w[e], None if down_b is None else down_b[e], transposed),
+                gated,
             ))
         self.num_experts = up_w.shape[0]
         self.requires_grad_flags = {n: getattr(fused, n).requires_grad for n in self._fused_names(fused)}

@@ -14,6 +14,9 @@ the producer's outputs reach the consumer through elementwise operations only:
   (``act(gate(x)) * up(x)`` is elementwise),
 * OPT / Phi: ``fc2`` columns with ``fc1`` rows (and bias), GPT-2: ``mlp.c_proj`` with ``mlp.c_fc``,
   GPT-NeoX / Falcon: ``dense_4h_to_h`` with ``dense_h_to_4h``.
+* Mixture-of-experts models' routed experts (split per expert, moe.py): ``experts.E.down_proj`` columns with
+  the matching rows of ``experts.E.gate_up_proj`` (both halves when gate and up are concatenated, both entries
+  of each pair when they are interleaved, as in GPT-OSS) or ``experts.E.up_proj``.
 
 The saved model has the same architecture and computes the same function as before pruning (up to float
 summation order); its N:M groups are consecutive, so it stays hardware-2:4. Layers whose inputs come from the
@@ -28,6 +31,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .models import weight_matrix
+from .moe import Expert
 
 # consumer leaf name -> producer leaf names (siblings under the same parent module)
 FOLDS: dict[str, tuple[str, ...]] = {
@@ -45,6 +49,12 @@ def producers(modules: dict[str, nn.Module], consumer: str) -> list[tuple[str, n
     """The layers whose output rows feed `consumer`'s input columns elementwise, or None if there are none
     (then the consumer cannot be permuted exactly)."""
     parent, _, leaf = consumer.rpartition(".")
+    expert = modules.get(parent)
+    if isinstance(expert, Expert) and leaf == "down_proj":
+        up = getattr(expert, expert.up_name)
+        cols = weight_matrix(modules[consumer]).shape[1]
+        rows = weight_matrix(up).shape[0]
+        return [(f"{parent}.{expert.up_name}", up)] if rows == cols * (2 if expert.gated else 1) else None
     names = FOLDS.get(leaf)
     if not names:
         return None
@@ -158,9 +168,20 @@ def fold(modules: dict[str, nn.Module], consumer: str, perm: torch.Tensor) -> li
     if found is None:
         raise ConfigError(f"{consumer} has no producer layer to fold a permutation into")
     for _, module in found:
-        permute_rows(module, perm)
+        permute_rows(module, _producer_rows(modules, consumer, perm))
     permute_columns(modules[consumer], perm)
     return [name for name, _ in found]
+
+
+def _producer_rows(modules: dict[str, nn.Module], consumer: str, perm: torch.Tensor) -> torch.Tensor:
+    """The producer's row order for the consumer's column order `perm`: `perm` itself, or for an expert's fused
+    gate-and-up projection the same order applied to gate and up rows alike."""
+    expert = modules.get(consumer.rpartition(".")[0])
+    if not isinstance(expert, Expert) or not expert.gated:
+        return perm
+    if expert.gated == "interleaved":  # rows gate0, up0, gate1, up1, ...
+        return torch.stack([2 * perm, 2 * perm + 1], dim=1).reshape(-1)
+    return torch.cat([perm, perm + perm.numel()])  # rows [gate; up]
 
 
 def permutation_scores(method: str, weight: torch.Tensor, stats) -> torch.Tensor:
