@@ -13,6 +13,7 @@ from sparsecraft.evaluate import layer_sparsity, overall_sparsity
 from sparsecraft.models import select_targets
 from sparsecraft.moe import (
     ExpertLinears,
+    calibrating_all_experts,
     expert_matrices,
     experts_split,
     is_fused_experts,
@@ -99,17 +100,20 @@ def test_pruned_per_expert_then_merged_into_the_model_format(name, tmp_path):
         assert torch.equal(back(ids(2, 16)).logits, logits)
 
 
-def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
-    """Wanda on one expert must weigh its columns by the norms of the inputs that expert received, not by all
-    tokens: recompute them from the router's choices with a hook and compare the masks."""
+@pytest.mark.parametrize("mode", ["routed", "all"])
+def test_each_expert_is_calibrated_on_the_tokens_routed_to_it_or_on_all(mode):
+    """Wanda on one expert weighs its columns by the norms of the inputs that expert received (routed, the
+    default) or of every token (moe_calibration=all): recompute both from the router's choices with a hook and
+    check the masks follow the chosen one (the other one differs in a few percent of the weights)."""
     model = build("MixtralConfig")
     block = model.model.layers[0].mlp
-    routed: dict[int, list[torch.Tensor]] = {e: [] for e in range(4)}
+    inputs: dict[str, list[torch.Tensor]] = {"all": []} | {f"routed{e}": [] for e in range(4)}
 
     def capture(module, args, output):
         hidden, top_k_index = args[0], args[1]
+        inputs["all"].append(hidden.detach().clone())
         for e in range(4):
-            routed[e].append(hidden[(top_k_index == e).any(-1)].detach().clone())
+            inputs[f"routed{e}"].append(hidden[(top_k_index == e).any(-1)].detach().clone())
 
     handle = block.experts.register_forward_hook(capture)
     with torch.no_grad():  # block 0 sees the dense embeddings whatever is pruned later
@@ -117,16 +121,29 @@ def test_each_expert_is_calibrated_on_the_tokens_routed_to_it():
     handle.remove()
     dense = {e: block.experts.gate_up_proj[e].detach().clone() for e in range(4)}
     sparsecraft.prune(model, ids(), method="wanda", sparsity=0.5, nsamples=8, seqlen=32, batch_size=8,
-                      progress=False)
+                      moe_calibration=mode, progress=False)
     for e in range(4):
-        x = torch.cat(routed[e]).float()
-        assert x.shape[0] > 0
-        scores = dense[e].abs() * x.norm(dim=0).unsqueeze(0)
         kept = block.experts.gate_up_proj[e] != 0
         assert torch.equal(kept.sum(1), torch.full((kept.shape[0],), kept.shape[1] // 2))
-        mine = torch.zeros_like(kept)
-        mine.scatter_(1, scores.argsort(dim=1, descending=True)[:, : kept.shape[1] // 2], True)
-        assert (mine == kept).float().mean() > 0.99, e  # the same mask up to float ties
+        agreement = {}
+        for source in ("all", f"routed{e}"):
+            x = torch.cat(inputs[source]).float()
+            scores = dense[e].abs() * x.norm(dim=0).unsqueeze(0)
+            mine = torch.zeros_like(kept)
+            mine.scatter_(1, scores.argsort(dim=1, descending=True)[:, : kept.shape[1] // 2], True)
+            agreement[source.rstrip("0123456789")] = float((mine == kept).float().mean())
+        other = "all" if mode == "routed" else "routed"
+        assert agreement[mode] > 0.99 > agreement[other], (e, agreement)  # the same mask up to float ties
+
+
+def test_calibrating_all_experts_leaves_the_block_outputs_unchanged():
+    model = build("Qwen2MoeConfig")
+    x = ids(2, 16)
+    with torch.no_grad():
+        reference = model(x).logits
+    with experts_split(model), calibrating_all_experts(model), torch.no_grad():
+        assert all(m.calibrate_all for m in model.modules() if isinstance(m, ExpertLinears))
+        torch.testing.assert_close(model(x).logits, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_finetune_keeps_every_expert_mask_and_returns_the_model_format(tmp_path):

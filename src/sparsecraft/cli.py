@@ -49,6 +49,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--permute", action="store_true", default=None,
                    help="N:M only: permute input channels so the mask keeps more importance, folded exactly into "
                         "the producer layers (MLP down_proj <- gate/up, fc2 <- fc1); the model stays drop-in")
+    p.add_argument("--moe-calibration", default=None, choices=["routed", "all"],
+                   help="mixture-of-experts models: collect each expert's statistics from the tokens routed to it "
+                        "(default) or from every calibration token (covers rarely picked experts; the block's "
+                        "output still uses the routed experts only)")
     p.add_argument("--dsnot-cycles", type=int, default=None, help="DSnoT: at most this many swaps per row (50)")
     p.add_argument("--dsnot-threshold", type=float, default=None, help="DSnoT: stop a row at |shift| <= this (0.1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
@@ -115,7 +119,7 @@ def _recipe(args):
         batch_size=args.batch_size, damp=args.damp, blocksize=args.blocksize, allocation=args.allocation,
         owl_lambda=args.owl_lambda, owl_m=args.owl_m, refine=args.refine, dsnot_cycles=args.dsnot_cycles,
         dsnot_threshold=args.dsnot_threshold, dense_targets=args.dense_targets, permute=args.permute,
-        search_budget=args.search_budget,
+        search_budget=args.search_budget, moe_calibration=args.moe_calibration,
     )
 
 

@@ -88,6 +88,7 @@ class ExpertLinears(nn.Module):
                 gated,
             ))
         self.num_experts = up_w.shape[0]
+        self.calibrate_all = False  # set while calibrating with moe_calibration=all (see calibrating_all_experts)
         self.requires_grad_flags = {n: getattr(fused, n).requires_grad for n in self._fused_names(fused)}
         for name in self._fused_names(fused):
             delattr(fused, name)  # the per-expert copies are the weights now (merge_experts puts them back)
@@ -101,21 +102,30 @@ class ExpertLinears(nn.Module):
         return self._modules[str(index)]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        fused = self.fused
         out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            hit = torch.unique(top_k_index[(top_k_index >= 0) & (top_k_index < self.num_experts)])
-        for e in hit.tolist():
+        if self.calibrate_all:  # every expert sees every token (for its statistics); only routed outputs count
+            hit = list(range(self.num_experts))
+        else:
+            with torch.no_grad():
+                hit = torch.unique(top_k_index[(top_k_index >= 0) & (top_k_index < self.num_experts)]).tolist()
+        for e in hit:
             token_idx, top_k_pos = torch.where(top_k_index == e)
-            expert = self.expert(e)
-            h = getattr(expert, self.up_name)(hidden_states[token_idx])
-            h = fused._apply_gate(h) if fused.has_gate else fused.act_fn(h)
-            h = expert.down_proj(h)
-            if getattr(fused, "has_post_expert_norm", False):
-                h = fused.post_expert_norm(h)
+            if self.calibrate_all:
+                h = self._expert_forward(e, hidden_states)[token_idx]
+            else:
+                h = self._expert_forward(e, hidden_states[token_idx])
             h = h * top_k_weights[token_idx, top_k_pos, None]
             out.index_add_(0, token_idx, h.to(out.dtype))
         return out
+
+    def _expert_forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        fused, expert = self.fused, self.expert(index)
+        h = getattr(expert, self.up_name)(x)
+        h = fused._apply_gate(h) if fused.has_gate else fused.act_fn(h)
+        h = expert.down_proj(h)
+        if getattr(fused, "has_post_expert_norm", False):
+            h = fused.post_expert_norm(h)
+        return h
 
     def merged(self) -> nn.Module:
         """The fused module again, its 3-D tensors rebuilt from the (possibly pruned) expert layers."""
@@ -168,6 +178,20 @@ def experts_split(model: nn.Module):
     finally:
         if names:
             merge_experts(model, names)
+
+
+@contextlib.contextmanager
+def calibrating_all_experts(model: nn.Module, enabled: bool = True):
+    """Within the block, every split expert runs on every token (its statistics cover all calibration tokens),
+    while each block's output still combines only the experts the router picked."""
+    experts = [m for m in model.modules() if isinstance(m, ExpertLinears)] if enabled else []
+    for m in experts:
+        m.calibrate_all = True
+    try:
+        yield
+    finally:
+        for m in experts:
+            m.calibrate_all = False
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from .models import (
     unprunable_weights,
     weight_matrix,
 )
-from .moe import experts_split
+from .moe import calibrating_all_experts, experts_split
 from .patterns import check_columns
 from .recipe import Recipe
 from .registry import get_method, get_refiner
@@ -108,7 +108,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Reci
     """Prune `model` in place following `recipe`; `calibration` is a [nsamples, seqlen] LongTensor of
     token ids (unused when nothing in the recipe needs data). Fused mixture-of-experts weights are pruned as one
     linear layer per expert (moe.py), each calibrated on the tokens the router sends it."""
-    with experts_split(model):
+    with experts_split(model), calibrating_all_experts(model, recipe.moe_calibration == "all"):
         return _prune_model(model, calibration, recipe, device, progress)
 
 
@@ -202,7 +202,7 @@ def _prune_model(model: nn.Module, calibration: torch.Tensor | None, recipe: Rec
             warnings.warn(
                 f"{len(unseen)} layers saw no calibration token (e.g. {unseen[0]}: experts the router never "
                 f"picked) and were pruned by magnitude instead of {method.name}: give more or more varied "
-                "calibration samples (--nsamples)", UserWarning, stacklevel=3)
+                "calibration samples (--nsamples), or for MoE experts --moe-calibration all", UserWarning, stacklevel=3)
     order = {t.name: i for i, t in enumerate(targets)}
     report.layers.sort(key=lambda r: order[r.name])
     report.seconds = time.perf_counter() - start

@@ -10,6 +10,8 @@ from .errors import ConfigError
 from .patterns import Pattern, PatternSparsity, resolve_sparsity
 from .yamlconfig import YamlConfig
 
+MOE_CALIBRATIONS = ("routed", "all")
+
 
 @dataclass
 class Recipe(PatternSparsity, YamlConfig):
@@ -49,6 +51,7 @@ class Recipe(PatternSparsity, YamlConfig):
     search_max_steps: int = 3  # levels on each side of the target sparsity
     search_fitness_samples: int = 4  # calibration windows scoring each candidate (KL to the dense model)
     search_offspring: int = 8  # candidates per generation
+    moe_calibration: str = "routed"  # MoE experts' statistics: routed (the tokens the router sends) or all tokens
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +89,9 @@ class Recipe(PatternSparsity, YamlConfig):
             raise ConfigError(f"pattern {pattern} fixes every layer's sparsity: per-layer allocation and "
                               "overrides need --pattern unstructured")
         self.permute = bool(self.permute)
+        if self.moe_calibration not in MOE_CALIBRATIONS:
+            raise ConfigError(f"unknown moe_calibration {self.moe_calibration!r}: choose routed (each expert's "
+                              "statistics from the tokens routed to it) or all (every calibration token)")
         if self.permute and not pattern.is_nm:
             raise ConfigError("permute reorders input channels so an N:M mask keeps more; it needs an N:M "
                               "--pattern such as 2:4 (unstructured masks do not depend on channel order)")
