@@ -9,6 +9,7 @@ import torch
 import transformers
 
 import sparsecraft
+from sparsecraft.errors import ModelError
 from sparsecraft.evaluate import layer_sparsity, overall_sparsity
 from sparsecraft.models import select_targets
 from sparsecraft.moe import (
@@ -211,3 +212,25 @@ def test_expert_permutation_folds_exactly_then_2_4_with_permute(name):
     for module in fused_modules(model).values():
         for suffix, w in expert_matrices(module):
             assert is_nm_valid(w, Pattern(2, 4)), suffix
+
+
+@pytest.mark.skipif(not sparsecraft.kernels.available(), reason="CPU kernels not built")
+def test_sparse_kernels_run_every_pruned_expert_and_densify_restores_the_model(tmp_path):
+    model = build("MixtralConfig")
+    sparsecraft.prune(model, ids(), method="wanda", sparsity=0.5, nsamples=8, seqlen=32, progress=False)
+    x = ids(2, 16)
+    with torch.no_grad():
+        reference = model(x).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    swapped = sparsecraft.sparsify_model(model)
+    expert_layers = {n for n, kind in swapped.items() if ".experts." in n and kind == "bitmask"}
+    assert len(expert_layers) == 2 * 4 * 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, reference, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ModelError, match="densify_model"):
+        sparsecraft.save(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    sparsecraft.kernels.densify_model(model)
+    assert len(fused_modules(model)) == 2
+    after = model.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)

@@ -21,6 +21,8 @@ import contextlib
 import torch
 from torch import nn
 
+from .errors import ModelError
+
 _LAYOUT = ("has_gate", "has_bias", "is_transposed")
 
 
@@ -135,7 +137,7 @@ class ExpertLinears(nn.Module):
         for name in (self.up_name, "down_proj"):
             layers = [getattr(x, name) for x in experts]
             if not all(type(layer) is nn.Linear for layer in layers):
-                raise TypeError(f"expert layers {name} are {type(layers[0]).__name__}, not nn.Linear: convert them "
+                raise ModelError(f"expert layers {name} are {type(layers[0]).__name__}, not nn.Linear: convert them "
                                 "back (sparsecraft.kernels.densify_model) before saving the model")
             weight = torch.stack([(x.weight.t() if transposed else x.weight).detach() for x in layers])
             fused.register_parameter(name, nn.Parameter(weight, requires_grad=self.requires_grad_flags[name]))

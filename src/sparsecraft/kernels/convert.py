@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import KernelError
 from ..models import is_prunable, weight_matrix
+from ..moe import merge_experts, split_experts
 from .linear import DTYPES, SparseLinear, require
 
 DEFAULT_MIN_SPARSITY = 0.25  # below this the bitmask format reads about as many bytes as the dense weight
@@ -34,12 +35,14 @@ def sparsify_model(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY,
     With `dense` (default) the other linear layers (lm_head, layers left dense) run on the kernels' dense path
     too, sharing their Parameters (tied weights stay tied); `bitmask=False` puts every layer on the dense path
     (to time the same kernels without sparsity). `targets` / `ignore` are regexes on layer names.
-    Layers on another device or in another dtype than float32/bfloat16/float16 are left alone. Returns
-    {layer name: 'bitmask' | 'dense' | 'skipped: why'}.
+    Layers on another device or in another dtype than float32/bfloat16/float16 are left alone. Fused
+    mixture-of-experts tensors are split into one layer per expert first (moe.py; `densify_model` merges them
+    back). Returns {layer name: 'bitmask' | 'dense' | 'skipped: why'}.
     """
     require()
     if not 0.0 <= min_sparsity <= 1.0:
         raise KernelError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    split_experts(model)
     tied = _tied_weights(model)
     done: dict[int, nn.Module] = {}
     report: dict[str, str] = {}
@@ -83,6 +86,7 @@ def densify_model(model: nn.Module) -> int:
                 done[id(module)] = module.to_module()
                 count += 1
             _set_child(model, name, done[id(module)])
+    merge_experts(model)
     return count
 
 
