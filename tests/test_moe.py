@@ -4,6 +4,8 @@ model's own format, fine-tuned with every expert's mask kept, and counted per ex
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import transformers
@@ -234,3 +236,42 @@ def test_sparse_kernels_run_every_pruned_expert_and_densify_restores_the_model(t
     assert len(fused_modules(model)) == 2
     after = model.state_dict()
     assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("fmt", ["bitmask", "2:4"])
+def test_compressed_export_packs_the_experts_and_loads_back_bit_for_bit(fmt, tmp_path):
+    """transformers writes Mixtral's fused experts back per expert (`experts.E.w1.weight`): the export compresses
+    those too, and loading decompresses them into the fused tensors again."""
+    from safetensors import safe_open
+
+    model = build("MixtralConfig")
+    _, report = sparsecraft.prune(model, ids(), method="sparsegpt", pattern="2:4", nsamples=8, seqlen=32,
+                                  progress=False)
+    x = ids(2, 16)
+    with torch.no_grad():
+        logits = model(x).logits
+    sparsecraft.save(model, tmp_path / "pruned", report=report)
+    exported = sparsecraft.export(tmp_path / "pruned", tmp_path / "packed", fmt)
+    with safe_open(next((tmp_path / "packed").glob("*.safetensors")), framework="pt") as f:
+        keys = set(f.keys())
+    experts = {k[: -len(".compressed")] for k in keys if ".experts." in k and k.endswith(".compressed")}
+    assert len(experts) == 2 * 4 * 3  # w1, w2, w3 of 4 experts in 2 blocks
+    assert experts <= set(exported.layers) and not [k for k in keys if ".experts." in k and k.endswith(".weight")]
+    assert exported.sparsity_structure == "2:4"
+    assert exported.stored_bytes < 0.75 * exported.dense_bytes
+    back = sparsecraft.load(tmp_path / "packed", kernels=False)
+    assert len(fused_modules(back)) == 2
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, logits)
+
+    ct = pytest.importorskip("compressed_tensors")  # its own sparse compressor reads the expert tensors alike
+    if importlib.util.find_spec("compressed_tensors.compressors.sparse_compressors") is None:
+        pytest.skip(f"compressed-tensors {ct.__version__} has no sparse compressors")
+    from compressed_tensors.compressors import ModelCompressor
+
+    compressor = ModelCompressor.from_pretrained(str(tmp_path / "packed")).sparsity_compressor
+    theirs = dict(compressor.decompress(str(tmp_path / "packed")))
+    ours = sparsecraft.compressed.decompressed_state_dict(tmp_path / "packed")
+    assert {f"{n}.weight" for n in experts} <= theirs.keys()
+    for name in experts:
+        assert torch.equal(theirs[f"{name}.weight"], ours[f"{name}.weight"]), name

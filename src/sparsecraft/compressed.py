@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -435,10 +436,28 @@ def write_compressed(model: nn.Module, out: str | Path, fmt: str = "bitmask", *,
     global_sparsity = _global_sparsity(model)
     report = ExportReport(out_path, fmt, structure, pattern, list(chosen), kept_dense, global_sparsity=global_sparsity)
 
+    model_keys = set(model.state_dict())
+    experts_24: list[bool] = []
+
+    def expert_tensor(key: str, value: torch.Tensor) -> bool:
+        """Fused MoE experts that transformers writes back per expert (Mixtral's `experts.E.w1.weight`, ...):
+        2-D weights in the file that the in-memory model does not hold. Compressed like the targets when that
+        is smaller (bitmask) or they are 2:4 (2:4); otherwise stored dense."""
+        if key in model_keys or not key.endswith(".weight") or ".experts." not in key or value.ndim != 2 \
+                or not value.is_floating_point():
+            return False
+        is_24 = nm_violation(value) is None
+        if (fmt == SPARSE_24_BITMASK and not is_24) or compressed_nbytes(value, fmt) >= _nbytes(value):
+            report.dense_layers.append(key[: -len(".weight")])
+            return False
+        experts_24.append(is_24)
+        return True
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
-        _compress_files(tmp, {f"{n}.weight": n for n in chosen}, fmt, report)
+        _compress_files(tmp, {f"{n}.weight": n for n in chosen}, fmt, report, extra=expert_tensor)
         targets_cfg, ignore_cfg = _targets_and_ignore(model, report.layers)
+        report.sparsity_structure = "2:4" if all_24 and all(experts_24) else "unstructured"
         config = _config_json(tmp)
         config["quantization_config"] = {
             "quant_method": QUANT_METHOD,
@@ -447,7 +466,7 @@ def write_compressed(model: nn.Module, out: str | Path, fmt: str = "bitmask", *,
                 "global_sparsity": global_sparsity,
                 "ignore": ignore_cfg,
                 "registry_requires_subclass": False,
-                "sparsity_structure": structure,
+                "sparsity_structure": report.sparsity_structure,
                 "targets": targets_cfg,
             },
             "transform_config": {},
@@ -466,9 +485,11 @@ def write_compressed(model: nn.Module, out: str | Path, fmt: str = "bitmask", *,
     return report
 
 
-def _compress_files(directory: Path, weight_keys: dict[str, str], fmt: str, report: ExportReport) -> None:
-    """Rewrite every safetensors shard in `directory`, replacing `<name>.weight` tensors by their compressed form,
-    and fix the shard index. Shards are rewritten one at a time."""
+def _compress_files(directory: Path, weight_keys: dict[str, str], fmt: str, report: ExportReport,
+                    extra: Callable[[str, torch.Tensor], bool] | None = None) -> None:
+    """Rewrite every safetensors shard in `directory`, replacing `<name>.weight` tensors (`weight_keys`, and those
+    `extra(key, tensor)` picks) by their compressed form, and fix the shard index. Shards are rewritten one at a
+    time."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -485,6 +506,9 @@ def _compress_files(directory: Path, weight_keys: dict[str, str], fmt: str, repo
         for key, value in tensors.items():
             report.dense_bytes += _nbytes(value)
             layer = weight_keys.get(key)
+            if layer is None and extra is not None and extra(key, value):
+                layer = key[: -len(".weight")]
+                report.layers.append(layer)
             if layer is None:
                 out[key] = value
             else:
