@@ -275,3 +275,35 @@ def test_compressed_export_packs_the_experts_and_loads_back_bit_for_bit(fmt, tmp
     assert {f"{n}.weight" for n in experts} <= theirs.keys()
     for name in experts:
         assert torch.equal(theirs[f"{name}.weight"], ours[f"{name}.weight"]), name
+
+
+def test_cli_prune_eval_export_finetune_a_moe_model(tmp_path, byte_tokenizer, text_file, capsys):
+    """The whole command-line path on a Mixtral saved to disk: prune 2:4 with SparseGPT + DSnoT, eval,
+    export 2:4, fine-tune with SquareHead + KD from the dense model: every expert stays 2:4 throughout."""
+    from sparsecraft.checkpoint import read_metadata
+    from sparsecraft.cli import main
+
+    dense = tmp_path / "mixtral"
+    model = transformers.AutoModelForCausalLM.from_config(transformers.MixtralConfig(
+        **{**MOE["MixtralConfig"], "vocab_size": 256}))
+    model.save_pretrained(dense)
+    byte_tokenizer.save_pretrained(dense)
+    common = ["--data", str(text_file), "--quiet"]
+    assert main(["prune", "--model", str(dense), "--method", "sparsegpt", "--pattern", "2:4", "--refine", "dsnot",
+                 "--nsamples", "4", "--seqlen", "32", "--max-eval-windows", "2", "--out", str(tmp_path / "p"),
+                 *common]) == 0
+    meta = read_metadata(tmp_path / "p")
+    experts = [n for n in meta["layers"] if ".experts." in n]
+    assert len(experts) == 2 * 4 * 2 and meta["sparsity"] == pytest.approx(0.5)
+    assert main(["export", str(tmp_path / "p"), "--format", "2:4", "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    assert main(["finetune", str(tmp_path / "p"), "--seqlen", "16", "--batch-size", "2", "--steps", "3",
+                 "--max-eval-windows", "2", "--out", str(tmp_path / "t"), *common]) == 0
+    tuned = read_metadata(tmp_path / "t")["finetune"]["config"]
+    assert tuned["distill"] == "squarehead" and tuned["teacher"] == str(dense)
+    for path in ("e", "t"):
+        back = sparsecraft.load(tmp_path / path, kernels=False)
+        for module in fused_modules(back).values():
+            for suffix, w in expert_matrices(module):
+                assert is_nm_valid(w, Pattern(2, 4)) and int((w == 0).sum()) == w.numel() // 2, (path, suffix)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "t"), "--seqlen", "32", "--max-eval-windows", "2", *common]) == 0
