@@ -307,3 +307,13 @@ def test_cli_prune_eval_export_finetune_a_moe_model(tmp_path, byte_tokenizer, te
                 assert is_nm_valid(w, Pattern(2, 4)) and int((w == 0).sum()) == w.numel() // 2, (path, suffix)
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "t"), "--seqlen", "32", "--max-eval-windows", "2", *common]) == 0
+
+
+def test_split_experts_still_answer_the_fused_module_attributes():
+    model = build("MixtralConfig")
+    fused = model.model.layers[0].mlp.experts
+    split_experts(model)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.hidden_dim == fused.hidden_dim and experts.act_fn is fused.act_fn and experts.config is fused.config
+    with pytest.raises(AttributeError):
+        experts.gate_up_proj  # noqa: B018 - the weights live in the per-expert layers while split

@@ -96,6 +96,17 @@ class ExpertLinears(nn.Module):
             delattr(fused, name)  # the per-expert copies are the weights now (merge_experts puts them back)
         self.fused = fused
 
+    def __getattr__(self, name: str):
+        """Attributes the model's MoE block may read from its experts module (num_experts, act_fn, config, ...)
+        come from the fused module; its expert tensors are gone while split (AttributeError)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            fused = self._modules.get("fused")
+            if fused is None:
+                raise
+            return getattr(fused, name)
+
     def _fused_names(self, fused: nn.Module) -> list[str]:
         names = [self.up_name, "down_proj"]
         return names + [f"{n}_bias" for n in names] if fused.has_bias else names
