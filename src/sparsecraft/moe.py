@@ -159,18 +159,14 @@ class ExpertLinears(nn.Module):
         return fused
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def split_experts(model: nn.Module) -> list[str]:
-    """Replace every fused experts module of `model` by ExpertLinears (in place); returns their names."""
-    names = [name for name, module in model.named_modules() if name and is_fused_experts(module)]
-    for name in names:
-        _replace(model, name, ExpertLinears(model.get_submodule(name)))
-    return names
+def split_experts(model: nn.Module, names: list[str] | None = None) -> list[str]:
+    """Replace every fused experts module of `model` (or those named) by ExpertLinears, in place; returns their
+    names."""
+    found = [name for name, module in model.named_modules() if name and is_fused_experts(module)]
+    chosen = found if names is None else [n for n in found if n in set(names)]
+    for name in chosen:
+        model.set_submodule(name, ExpertLinears(model.get_submodule(name)))
+    return chosen
 
 
 def merge_experts(model: nn.Module, names: list[str] | None = None) -> list[str]:
@@ -178,7 +174,7 @@ def merge_experts(model: nn.Module, names: list[str] | None = None) -> list[str]
     found = [name for name, module in model.named_modules() if isinstance(module, ExpertLinears)]
     chosen = found if names is None else [n for n in found if n in set(names)]
     for name in chosen:
-        _replace(model, name, model.get_submodule(name).merged())
+        model.set_submodule(name, model.get_submodule(name).merged())
     return chosen
 
 
@@ -215,11 +211,4 @@ def experts_merged(model: nn.Module):
         yield names
     finally:
         if names:
-            split_experts_named(model, names)
-
-
-def split_experts_named(model: nn.Module, names: list[str]) -> None:
-    for name in names:
-        module = model.get_submodule(name)
-        if is_fused_experts(module):
-            _replace(model, name, ExpertLinears(module))
+            split_experts(model, names)
