@@ -7,7 +7,8 @@ transposed), in classes decorated with `use_experts_implementation`, which recor
 `has_bias`, `is_transposed`, `has_post_expert_norm`, and the gating function `_apply_gate`.
 
 `split_experts(model)` replaces each such module with `ExpertLinears`: one `Expert` per expert holding
-`gate_up_proj` (or `up_proj`) and `down_proj` as `nn.Linear`, computing the same routed forward (tokens go only
+`gate_up_proj` (or `up_proj`) and `down_proj` as `nn.Linear`, computing the same routed forward (to float
+rounding: separately allocated weights may take another matmul summation order with several threads) (tokens go only
 to the experts the router picked, so calibration hooks see each expert's own inputs). `merge_experts(model)`
 writes the (pruned) weights back into the original 3-D tensors, so `save_pretrained` files keep the model's own
 format. `experts_split(model)` is the context manager the entry points use: it splits what is fused and merges
