@@ -7,12 +7,12 @@ transposed), in classes decorated with `use_experts_implementation`, which recor
 `has_bias`, `is_transposed`, `has_post_expert_norm`, and the gating function `_apply_gate`.
 
 `split_experts(model)` replaces each such module with `ExpertLinears`: one `Expert` per expert holding
-`gate_up_proj` (or `up_proj`) and `down_proj` as `nn.Linear`, computing the same routed forward (to float
-rounding: separately allocated weights may take another matmul summation order with several threads) (tokens go only
-to the experts the router picked, so calibration hooks see each expert's own inputs). `merge_experts(model)`
-writes the (pruned) weights back into the original 3-D tensors, so `save_pretrained` files keep the model's own
-format. `experts_split(model)` is the context manager the entry points use: it splits what is fused and merges
-back on exit only what it split.
+`gate_up_proj` (or `up_proj`) and `down_proj` as `nn.Linear`, computing the same routed forward: tokens go only
+to the experts the router picked, so calibration hooks see each expert's own inputs. (The logits agree to float
+rounding: with several threads, separately allocated weights may take another matmul summation order.)
+`merge_experts(model)` writes the (pruned) weights back into the original 3-D tensors, so `save_pretrained` files
+keep the model's own format. `experts_split(model)` is the context manager the entry points use: it splits what
+is fused and merges back on exit only what it split.
 """
 
 from __future__ import annotations
@@ -27,11 +27,16 @@ from .errors import ModelError
 _LAYOUT = ("has_gate", "has_bias", "is_transposed")
 
 
+def _up_name(fused: nn.Module) -> str:
+    """The fused module's first projection: gate and up together, or up alone (experts without a gate)."""
+    return "gate_up_proj" if fused.has_gate else "up_proj"
+
+
 def is_fused_experts(module: nn.Module) -> bool:
     """A transformers experts module with 3-D expert tensors in a layout sparsecraft knows."""
     if isinstance(module, ExpertLinears) or not all(hasattr(module, a) for a in _LAYOUT):
         return False
-    up = "gate_up_proj" if module.has_gate else "up_proj"
+    up = _up_name(module)
     params = dict(module.named_parameters(recurse=False))
     return all(name in params and params[name].dim() == 3 for name in (up, "down_proj"))
 
@@ -39,7 +44,7 @@ def is_fused_experts(module: nn.Module) -> bool:
 def expert_matrices(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(f"{expert}.{projection}", [out, in] weight view) for each expert of a fused module, named as in
     ExpertLinears, without copying."""
-    up_name = "gate_up_proj" if module.has_gate else "up_proj"
+    up_name = _up_name(module)
     out = []
     for e in range(getattr(module, up_name).shape[0]):
         for name in (up_name, "down_proj"):
@@ -76,7 +81,7 @@ class ExpertLinears(nn.Module):
 
     def __init__(self, fused: nn.Module):
         super().__init__()
-        self.up_name = "gate_up_proj" if fused.has_gate else "up_proj"
+        self.up_name = _up_name(fused)
         transposed = bool(fused.is_transposed)
         up_w, down_w = getattr(fused, self.up_name), fused.down_proj
         up_b = getattr(fused, f"{self.up_name}_bias") if fused.has_bias else None
@@ -180,14 +185,19 @@ def merge_experts(model: nn.Module, names: list[str] | None = None) -> list[str]
 
 
 @contextlib.contextmanager
-def experts_split(model: nn.Module):
-    """Within the block, fused experts are ExpertLinears; those this call split are merged back on exit."""
-    names = split_experts(model)
+def _swapped(model: nn.Module, change, undo):
+    """`change(model)` on entry; on exit `undo(model, names)` for exactly the modules it changed."""
+    names = change(model)
     try:
         yield names
     finally:
         if names:
-            merge_experts(model, names)
+            undo(model, names)
+
+
+def experts_split(model: nn.Module):
+    """Within the block, fused experts are ExpertLinears; those this call split are merged back on exit."""
+    return _swapped(model, split_experts, merge_experts)
 
 
 @contextlib.contextmanager
@@ -204,12 +214,6 @@ def calibrating_all_experts(model: nn.Module, enabled: bool = True):
             m.calibrate_all = False
 
 
-@contextlib.contextmanager
 def experts_merged(model: nn.Module):
     """Within the block (saving, for example), ExpertLinears are the model's own fused modules again."""
-    names = merge_experts(model)
-    try:
-        yield names
-    finally:
-        if names:
-            split_experts(model, names)
+    return _swapped(model, merge_experts, split_experts)
