@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 .PHONY: setup test demo bench lint clean
 
 # setup.py and the C sources: `pip install -e .` (re)builds the CPU sparse kernels (sparsecraft.kernels).
-$(VENV)/.installed: pyproject.toml setup.py src/sparsecraft/kernels/_sparsekernels.c src/sparsecraft/kernels/_avx2_template.h
+$(VENV)/.installed: pyproject.toml setup.py src/sparsecraft/kernels/_sparsekernels.c $(wildcard src/sparsecraft/kernels/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU wheel first, so the package's `torch>=2.4` range is already satisfied (no CUDA download).

@@ -9,6 +9,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 KERNELS = "src/sparsecraft/kernels"
+HEADERS = ["_kernels_common.h", "_avx2_template.h", "_avx512_kernels.h", "_avx512_template.h", "_run_template.h"]
 
 
 class BuildExt(build_ext):
@@ -31,6 +32,6 @@ class BuildExt(build_ext):
 
 setup(
     ext_modules=[Extension("sparsecraft.kernels._sparsekernels", [f"{KERNELS}/_sparsekernels.c"],
-                           depends=[f"{KERNELS}/_avx2_template.h"], optional=True)],
+                           depends=[f"{KERNELS}/{h}" for h in HEADERS], optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

@@ -22,7 +22,7 @@ from sparsecraft.kernels import linear as sklinear
 
 pytestmark = pytest.mark.skipif(not sk.available(), reason="sparsecraft's C kernels are not built here")
 
-PATHS = ["scalar"] + (["avx2"] if sk.available() and sk.info()["avx2"] else [])
+PATHS = ["scalar"] + [p for p in ("avx2", "avx512") if sk.available() and sk.info()[p]]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (out, in): odd sizes, in not a multiple of 8/16/64, a single row/column, exactly one and two mask words
 SHAPES = [(1, 1), (7, 5), (2, 64), (33, 65), (64, 128), (19, 300)]
@@ -116,15 +116,16 @@ def test_path_from_environment():
     assert out.returncode != 0 and "SPARSECRAFT_KERNEL_PATH='fast' is not a kernel path" in out.stderr
 
 
-def test_paths_agree_closely():
-    if "avx2" not in PATHS:
-        pytest.skip("no AVX2 on this CPU")
+@pytest.mark.parametrize("path", ["avx2", "avx512"])
+def test_paths_agree_closely(path):
+    if path not in PATHS:
+        pytest.skip(f"no {path} on this CPU")
     w = make_weight(70, 333, "0.5")
     x = torch.randn(5, 333)
     layer = sk.SparseLinear(w, None)
     with sk.use_path("scalar"):
         a = layer(x)
-    with sk.use_path("avx2"):
+    with sk.use_path(path):
         b = layer(x)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -184,7 +185,11 @@ def test_errors():
     with pytest.raises(KernelError, match="format"):
         sk.SparseLinear(torch.randn(4, 4), format="csr")
     with pytest.raises(KernelError, match="unknown kernel path"):
-        sk.set_path("avx512")
+        sk.set_path("avx1024")
+    for path, isa in (("avx2", "AVX2"), ("avx512", "AVX-512F")):
+        if not sk.info()[path]:
+            with pytest.raises(KernelError, match=f"has no {isa}"):
+                sk.set_path(path)
     with pytest.raises(KernelError, match="nn.Linear or Conv1D"):
         sk.SparseLinear.from_module(nn.Conv2d(1, 1, 1))
     with pytest.raises(KernelError, match="min_sparsity"):

@@ -4,11 +4,16 @@
  *   EXPANDI(p, o)  __m256: the popcount(m) packed values at p placed at the set bits of mask byte m = o / 32, zeros
  *                  elsewhere (o = LUTOFF(word, b), the byte offset of m's LUT row)
  *   LOAD8(p)       __m256: 8 consecutive stored values at p converted to fp32
- * Every function here is compiled for avx2/fma/f16c/popcnt and only called after a runtime CPU check. */
+ * Every function here is compiled for avx2/fma/f16c/popcnt and only called after a runtime CPU check; the per-thread
+ * driver FN(run) comes from _run_template.h. */
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
-#define FN(name) CAT(name, SFX)
+#define FN(name) CAT(CAT(name, avx2), SFX)
+#define ISA_ATTR SC_AVX2
+#define VEC __m256
+#define VHSUM(v) hsum256(v)
+#define LANES 8
 
 /* ---- bitmask, one x row (decode GEMV): two weight rows at a time, two accumulators each ----
  * Per mask byte: LUTOFF(word, b) is byte b times 32 (the LUT row offset, 32-byte rows), its popcount
@@ -127,85 +132,12 @@ SC_AVX2 SC_NOINLINE static void FN(dn_tile)(const float *x, int64_t xs, const WT
 #undef ACC_IN
 #undef ACC_OUT
 
-/* ---- one thread's share: output rows [r0, r1) for all M x rows ---- */
-SC_AVX2 static void FN(run_avx2)(const Job *j, int64_t r0, int64_t r1) {
-    const int bitmask = j->format == FMT_BITMASK;
-    const WT *vals = (const WT *)j->w;
-    const int64_t words = j->words, kp = words * 64, k8 = j->K & ~(int64_t)7;
-    if (j->M == 1) {
-        const float *x = j->xf;
-        for (int64_t r = r0; r < r1; r += 2) {
-            int64_t s = r + 1 < r1 ? r + 1 : r; /* odd tail: compute the last row twice */
-            float o0, o1;
-            if (bitmask) {
-                FN(bm_gemv_pair)(x, j->mask + r * words, j->mask + s * words, vals + j->rowptr[r],
-                                 vals + j->rowptr[s], words, &o0, &o1);
-            } else {
-                FN(dn_gemv_pair)(x, vals + r * j->wstride, vals + s * j->wstride, k8, &o0, &o1);
-                for (int64_t k = k8; k < j->K; ++k) {
-                    o0 += CAT(to_f32, SFX)(vals[r * j->wstride + k]) * x[k];
-                    o1 += CAT(to_f32, SFX)(vals[s * j->wstride + k]) * x[k];
-                }
-            }
-            store_out(j, 0, r, o0);
-            if (s != r) store_out(j, 0, s, o1);
-        }
-        return;
-    }
-    /* GEMM: blocks of RB output rows; K in blocks of KBW words (x tile stays in L1); x in tiles of TM rows */
-    enum { RB = 16, KBW = 16, NACC = 2 * TM };
-    const int64_t tiles = (j->M + TM - 1) / TM;
-    __m256 *acc = (__m256 *)sc_aligned_alloc((size_t)tiles * (RB / 2) * NACC * sizeof(__m256));
-    if (!acc) return;
-    const WT *cur[RB], *nxt[RB];
-    for (int64_t rb = r0; rb < r1; rb += RB) {
-        int64_t re = rb + RB < r1 ? rb + RB : r1, npairs = (re - rb + 1) / 2;
-        memset(acc, 0, (size_t)tiles * (RB / 2) * NACC * sizeof(__m256));
-        if (bitmask)
-            for (int64_t r = rb; r < re; ++r) cur[r - rb] = vals + j->rowptr[r];
-        int64_t kend = bitmask ? words : k8, kstep = bitmask ? KBW : KBW * 64;
-        for (int64_t ka = 0; ka < kend; ka += kstep) {
-            int64_t kb = ka + kstep < kend ? ka + kstep : kend;
-            /* x tile outermost: its 4 rows x KBW words stay in L1 while the weight block (in L2) streams by */
-            for (int64_t t = 0; t < tiles; ++t) {
-                const float *xt = j->xf + t * TM * kp;
-                for (int64_t p = 0; p < npairs; ++p) {
-                    int64_t ra = rb + 2 * p, rs = ra + 1 < re ? ra + 1 : ra;
-                    __m256 *a = acc + (t * (RB / 2) + p) * NACC;
-                    if (bitmask) {
-                        const WT *v0 = cur[ra - rb], *v1 = cur[rs - rb];
-                        FN(bm_tile)(xt, kp, j->mask + ra * words, j->mask + rs * words, &v0, &v1, ka, kb, a);
-                        if (t == tiles - 1) {
-                            nxt[ra - rb] = v0;
-                            nxt[rs - rb] = v1;
-                        }
-                    } else {
-                        FN(dn_tile)(xt, kp, vals + ra * j->wstride, vals + rs * j->wstride, ka, kb, a);
-                    }
-                }
-            }
-            if (bitmask) memcpy(cur, nxt, sizeof(cur));
-        }
-        for (int64_t p = 0; p < npairs; ++p) {
-            int64_t ra = rb + 2 * p, rs = ra + 1 < re ? ra + 1 : ra;
-            for (int64_t m = 0; m < j->M; ++m) {
-                const __m256 *a = acc + ((m / TM) * (RB / 2) + p) * NACC + (m % TM) * 2;
-                float o0 = hsum256(a[0]), o1 = hsum256(a[1]);
-                if (!bitmask) {
-                    const float *x = j->xf + m * kp;
-                    for (int64_t k = k8; k < j->K; ++k) {
-                        o0 += CAT(to_f32, SFX)(vals[ra * j->wstride + k]) * x[k];
-                        o1 += CAT(to_f32, SFX)(vals[rs * j->wstride + k]) * x[k];
-                    }
-                }
-                store_out(j, m, ra, o0);
-                if (rs != ra) store_out(j, m, rs, o1);
-            }
-        }
-    }
-    sc_aligned_free(acc);
-}
+#include "_run_template.h"
 
 #undef FN
+#undef ISA_ATTR
+#undef VEC
+#undef VHSUM
+#undef LANES
 #undef CAT
 #undef CAT_

@@ -5,17 +5,16 @@
  * row r's values starting at rowptr[r]; the value array has >= 16 elements of padding after the last value.
  * Values and activations are float32, bfloat16 or float16; arithmetic is float32.
  *
- * Paths: a portable scalar path (any C compiler, any CPU) and an AVX2+FMA path for x86-64 compiled with
- * function target attributes and chosen at run time. Threads: OpenMP over output rows when the compiler has it
+ * Paths: a portable scalar path (any C compiler, any CPU), an AVX2+FMA path (_avx2_template.h) and an AVX-512F
+ * path (_avx512_kernels.h) for x86-64, compiled with function target attributes; the widest one the CPU and the OS
+ * support is chosen at run time. Threads: OpenMP over output rows when the compiler has it
  * (the library links libgomp; after `import torch` that is torch's own libgomp, so both share one thread pool).
  *
  * This is a CPython extension module whose functions take raw addresses (tensor.data_ptr()) so that building it
  * needs no torch headers. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "_kernels_common.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -32,103 +31,13 @@
 #else
 #define SC_HAVE_AVX2 0
 #endif
-
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
-enum { TM = 6 }; /* x rows per GEMM tile (the x buffer is padded to a multiple of TM rows when M > 1) */
-enum { FMT_DENSE = 0, FMT_BITMASK = 1 };
-enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2 };
-
-typedef struct {
-    int dtype, format;
-    int64_t N, K, M, words;
-    const float *xf;        /* x as float32, rows padded to words*64 columns (and to TM rows when M > 1) */
-    const uint64_t *mask;   /* bitmask: [N, words] */
-    const int64_t *rowptr;  /* bitmask: [N + 1] */
-    const void *w;          /* bitmask: packed values; dense: [N, wstride] */
-    int64_t wstride;
-    const void *bias;       /* [N] in dtype, or NULL */
-    void *y;                /* [M, ystride] in dtype */
-    int64_t ystride;
-} Job;
-
-/* ------------------------------------------------------------------ conversions */
-static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-
-static inline float to_f32_f32(float v) { return v; }
-static inline float to_f32_bf16(uint16_t v) { return bits_f32((uint32_t)v << 16); }
-static inline float to_f32_f16(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    if (e == 0) {
-        float f = (float)m * (1.0f / 16777216.0f); /* subnormal (or zero): m * 2^-24 */
-        return bits_f32(f32_bits(f) | sign);
-    }
-    if (e == 31) return bits_f32(sign | 0x7f800000u | (m << 13));
-    return bits_f32(sign | ((e + 112u) << 23) | (m << 13));
-}
-static inline uint16_t from_f32_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u = f32_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-static inline uint16_t from_f32_f16(float f) { /* round to nearest even */
-    uint32_t u = f32_bits(f), sign = u & 0x80000000u;
-    uint16_t o;
-    u ^= sign;
-    if (u >= 0x47800000u) {
-        o = u > 0x7f800000u ? 0x7e00 : 0x7c00;
-    } else if (u < 0x38800000u) {
-        float t = bits_f32(u) + 0.5f;
-        o = (uint16_t)(f32_bits(t) - 0x3f000000u);
-    } else {
-        uint32_t odd = (u >> 13) & 1u;
-        u += 0xc8000fffu + odd;
-        o = (uint16_t)(u >> 13);
-    }
-    return (uint16_t)(o | (sign >> 16));
-}
-
-static inline float load_f32(int dtype, const void *p, int64_t i) {
-    if (dtype == DT_F32) return ((const float *)p)[i];
-    if (dtype == DT_BF16) return to_f32_bf16(((const uint16_t *)p)[i]);
-    return to_f32_f16(((const uint16_t *)p)[i]);
-}
-
-static inline void store_out(const Job *j, int64_t m, int64_t r, float v) {
-    if (j->bias) v += load_f32(j->dtype, j->bias, r);
-    int64_t i = m * j->ystride + r;
-    if (j->dtype == DT_F32) ((float *)j->y)[i] = v;
-    else if (j->dtype == DT_BF16) ((uint16_t *)j->y)[i] = from_f32_bf16(v);
-    else ((uint16_t *)j->y)[i] = from_f32_f16(v);
-}
-
-static void *sc_aligned_alloc(size_t n) {
-    void *p = NULL;
-#if defined(_WIN32)
-    p = _aligned_malloc(n ? n : 1, 64);
+/* AVX-512F needs a compiler that knows the target (GCC >= 5, clang) */
+#if SC_HAVE_AVX2 && (defined(__clang__) || __GNUC__ >= 5)
+#define SC_HAVE_AVX512 1
+#define SC_AVX512 __attribute__((target("avx512f,avx2,fma,f16c,popcnt")))
 #else
-    if (posix_memalign(&p, 64, n ? n : 1)) p = NULL;
+#define SC_HAVE_AVX512 0
 #endif
-    return p;
-}
-static void sc_aligned_free(void *p) {
-#if defined(_WIN32)
-    _aligned_free(p);
-#else
-    free(p);
-#endif
-}
-
-static inline int popcount64(uint64_t v) {
-#if defined(__GNUC__)
-    return __builtin_popcountll(v);
-#else
-    int c = 0;
-    while (v) { v &= v - 1; ++c; }
-    return c;
-#endif
-}
 
 /* ------------------------------------------------------------------ scalar path (portable reference) */
 static void run_scalar(const Job *j, int64_t r0, int64_t r1) {
@@ -272,9 +181,30 @@ static int detect_avx2(void) {
 }
 #endif
 
+#if SC_HAVE_AVX512
+#include "_avx512_kernels.h"
+
+static int cpu_avx512 = -1; /* avx512f (with the AVX2 path's fma/f16c/popcnt), with OS support for zmm state */
+static int detect_avx512(void) {
+    unsigned a, b, c, d;
+    if (!detect_avx2() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((b >> 16) & 1)) return 0;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 0xe6u) == 0xe6u; /* xmm, ymm, opmask, zmm 0-15 upper halves and zmm 16-31 enabled by the OS */
+}
+#endif
+
 static int have_avx2(void) {
 #if SC_HAVE_AVX2
     return cpu_avx2;
+#else
+    return 0;
+#endif
+}
+
+static int have_avx512(void) {
+#if SC_HAVE_AVX512
+    return cpu_avx512;
 #else
     return 0;
 #endif
@@ -284,6 +214,13 @@ static int have_avx2(void) {
 typedef void (*RunFn)(const Job *, int64_t, int64_t);
 
 static RunFn pick(int dtype, int path) {
+#if SC_HAVE_AVX512
+    if (path == PATH_AVX512) {
+        if (dtype == DT_F32) return run_avx512_f32;
+        if (dtype == DT_BF16) return run_avx512_bf16;
+        return run_avx512_f16;
+    }
+#endif
 #if SC_HAVE_AVX2
     if (path == PATH_AVX2) {
         if (dtype == DT_F32) return run_avx2_f32;
@@ -378,9 +315,9 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_ValueError, "matmul: inconsistent arguments");
         return NULL;
     }
-    if (path == PATH_AUTO) path = have_avx2() ? PATH_AVX2 : PATH_SCALAR;
-    if (path == PATH_AVX2 && !have_avx2()) {
-        PyErr_SetString(PyExc_RuntimeError, "matmul: the AVX2 path was requested but this CPU (or build) lacks it");
+    if (path == PATH_AUTO) path = have_avx512() ? PATH_AVX512 : have_avx2() ? PATH_AVX2 : PATH_SCALAR;
+    if ((path == PATH_AVX2 && !have_avx2()) || (path == PATH_AVX512 && !have_avx512())) {
+        PyErr_SetString(PyExc_RuntimeError, "matmul: the requested vector path is missing on this CPU (or build)");
         return NULL;
     }
     if (j.N == 0) Py_RETURN_NONE;
@@ -493,7 +430,8 @@ static PyObject *py_info(PyObject *self, PyObject *unused) {
 #else
     int omp = 0, maxthreads = 1;
 #endif
-    return Py_BuildValue("{s:i,s:i,s:i}", "avx2", have_avx2(), "openmp", omp, "max_threads", maxthreads);
+    return Py_BuildValue("{s:i,s:i,s:i,s:i}", "avx2", have_avx2(), "avx512", have_avx512(), "openmp", omp,
+                         "max_threads", maxthreads);
 }
 
 static PyMethodDef methods[] = {
@@ -512,6 +450,9 @@ PyMODINIT_FUNC PyInit__sparsekernels(void) {
 #if SC_HAVE_AVX2
     init_luts();
     cpu_avx2 = detect_avx2();
+#endif
+#if SC_HAVE_AVX512
+    cpu_avx512 = detect_avx512();
 #endif
     return PyModule_Create(&module);
 }

@@ -28,7 +28,7 @@ from ..errors import KernelError
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FORMATS = {"dense": 0, "bitmask": 1}
-PATHS = {"auto": 0, "scalar": 1, "avx2": 2}
+PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 PATH_ENV = "SPARSECRAFT_KERNEL_PATH"
 VALUE_PADDING = 16  # the AVX2 path loads up to 16 values past a row's last one
 HUGEPAGES = os.environ.get("SPARSECRAFT_HUGEPAGES", "1") != "0"  # packed buffers >= 4 MiB: MADV_HUGEPAGE
@@ -73,25 +73,31 @@ def require():
 
 
 def info() -> dict:
-    """Build and CPU facts: {'built', 'avx2', 'openmp', 'max_threads', 'path', 'error'}."""
+    """Build and CPU facts: {'built', 'avx2', 'avx512', 'openmp', 'max_threads', 'path', 'error'}."""
     ext = _load()
-    facts = dict(ext.info()) if ext is not None else {"avx2": 0, "openmp": 0, "max_threads": 1}
+    facts = dict(ext.info()) if ext is not None else {"avx2": 0, "avx512": 0, "openmp": 0, "max_threads": 1}
     return {"built": ext is not None, **{k: bool(v) if k != "max_threads" else v for k, v in facts.items()},
             "path": get_path(), "error": _ext_error}
 
 
 def get_path() -> str:
-    """The kernel path in use: 'auto' (AVX2 when the CPU has it, else scalar), 'avx2' or 'scalar'."""
+    """The kernel path in use: 'auto' (the widest the CPU has: AVX-512F, else AVX2, else scalar), 'avx512',
+    'avx2' or 'scalar'."""
     return _path
 
 
+_PATH_NEEDS = {"avx2": ("avx2", "AVX2+FMA"), "avx512": ("avx512", "AVX-512F")}
+
+
 def set_path(name: str) -> None:
-    """Force a kernel path ('auto', 'avx2', 'scalar'); also settable with SPARSECRAFT_KERNEL_PATH."""
+    """Force a kernel path ('auto', 'avx512', 'avx2', 'scalar'); also settable with SPARSECRAFT_KERNEL_PATH."""
     global _path, _path_value
     if name not in PATHS:
         raise KernelError(f"unknown kernel path {name!r}: use one of {', '.join(PATHS)}")
-    if name == "avx2" and available() and not require().info()["avx2"]:
-        raise KernelError("the avx2 kernel path was asked for but this CPU has no AVX2+FMA: use 'scalar' or 'auto'")
+    if name in _PATH_NEEDS and available() and not require().info()[_PATH_NEEDS[name][0]]:
+        raise KernelError(f"the {name} kernel path was asked for but this CPU (or build) has no "
+                          f"{_PATH_NEEDS[name][1]}: use 'auto', or one of the paths sparsecraft.kernels.info() "
+                          "reports")
     _path, _path_value = name, PATHS[name]
 
 
