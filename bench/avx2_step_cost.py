@@ -15,6 +15,7 @@ read bandwidth (the bound the dense GEMV already runs at).
 from __future__ import annotations
 
 import argparse
+import platform
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,8 @@ OUT, IN = 4096, 11008  # LLaMA-7B down_proj: the issue's GEMV
 
 
 def instruction_costs() -> dict[str, float]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        sys.exit(f"this benchmark times x86-64 AVX2 instructions; this machine is {platform.machine()}")
     cc = next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if cc is None:
         sys.exit("needs a C compiler (cc, gcc or clang)")
