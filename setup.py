@@ -9,7 +9,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 KERNELS = "src/sparsecraft/kernels"
-HEADERS = ["_kernels_common.h", "_avx2_template.h", "_avx512_kernels.h", "_avx512_template.h", "_run_template.h"]
+HEADERS = ["_kernels_common.h", "_avx2_template.h", "_avx512_kernels.h", "_avx512_template.h", "_run_template.h",
+           "_shared_kernels.h"]
 
 
 class BuildExt(build_ext):

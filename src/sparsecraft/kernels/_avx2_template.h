@@ -14,6 +14,12 @@
 #define VEC __m256
 #define VHSUM(v) hsum256(v)
 #define LANES 8
+#define VZERO() _mm256_setzero_ps()
+#define VLOADU(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define LOADV(p) LOAD8(p)
+#include "_shared_kernels.h"
 
 /* ---- bitmask, one x row (decode GEMV): two weight rows at a time, two accumulators each ----
  * Per mask byte: LUTOFF(word, b) is byte b times 32 (the LUT row offset, 32-byte rows), its popcount
@@ -50,28 +56,6 @@ SC_AVX2 SC_NOINLINE static void FN(bm_gemv_pair)(const float *x, const uint64_t 
 /* ---- bitmask, tile of TM = 6 x rows (stride xs) x 2 weight rows over mask words [wa, wb) ----
  * acc[i*2+j] += x row i . weight row j (12 accumulators: each expanded weight chunk feeds 6 FMAs); the two value
  * cursors advance past the consumed values. */
-#define FMA6(W0, W1)                                                           \
-    {                                                                          \
-        __m256 xv = _mm256_loadu_ps(xb);                                       \
-        c00 = _mm256_fmadd_ps(W0, xv, c00); c01 = _mm256_fmadd_ps(W1, xv, c01); \
-        xv = _mm256_loadu_ps(xb + xs);                                         \
-        c10 = _mm256_fmadd_ps(W0, xv, c10); c11 = _mm256_fmadd_ps(W1, xv, c11); \
-        xv = _mm256_loadu_ps(xb + 2 * xs);                                     \
-        c20 = _mm256_fmadd_ps(W0, xv, c20); c21 = _mm256_fmadd_ps(W1, xv, c21); \
-        xv = _mm256_loadu_ps(xb + 3 * xs);                                     \
-        c30 = _mm256_fmadd_ps(W0, xv, c30); c31 = _mm256_fmadd_ps(W1, xv, c31); \
-        xv = _mm256_loadu_ps(xb + 4 * xs);                                     \
-        c40 = _mm256_fmadd_ps(W0, xv, c40); c41 = _mm256_fmadd_ps(W1, xv, c41); \
-        xv = _mm256_loadu_ps(xb + 5 * xs);                                     \
-        c50 = _mm256_fmadd_ps(W0, xv, c50); c51 = _mm256_fmadd_ps(W1, xv, c51); \
-    }
-#define ACC_IN                                                                 \
-    __m256 c00 = acc[0], c01 = acc[1], c10 = acc[2], c11 = acc[3], c20 = acc[4], c21 = acc[5]; \
-    __m256 c30 = acc[6], c31 = acc[7], c40 = acc[8], c41 = acc[9], c50 = acc[10], c51 = acc[11];
-#define ACC_OUT                                                                \
-    acc[0] = c00; acc[1] = c01; acc[2] = c10; acc[3] = c11; acc[4] = c20; acc[5] = c21; \
-    acc[6] = c30; acc[7] = c31; acc[8] = c40; acc[9] = c41; acc[10] = c50; acc[11] = c51;
-
 SC_AVX2 SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const uint64_t *m0, const uint64_t *m1,
                                             const WT **pv0, const WT **pv1, int64_t wa, int64_t wb, __m256 *acc) {
     const WT *v0 = *pv0, *v1 = *pv1;
@@ -96,48 +80,8 @@ SC_AVX2 SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const ui
     *pv1 = v1;
 }
 
-/* ---- dense, one x row: two weight rows, elements [0, k8) with k8 a multiple of 8 ---- */
-SC_AVX2 SC_NOINLINE static void FN(dn_gemv_pair)(const float *x, const WT *r0, const WT *r1, int64_t k8, float *o0,
-                                     float *o1) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= k8; k += 16) {
-        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-        a0 = _mm256_fmadd_ps(LOAD8(r0 + k), x0, a0);
-        b0 = _mm256_fmadd_ps(LOAD8(r1 + k), x0, b0);
-        a1 = _mm256_fmadd_ps(LOAD8(r0 + k + 8), x1, a1);
-        b1 = _mm256_fmadd_ps(LOAD8(r1 + k + 8), x1, b1);
-    }
-    for (; k < k8; k += 8) {
-        __m256 x0 = _mm256_loadu_ps(x + k);
-        a0 = _mm256_fmadd_ps(LOAD8(r0 + k), x0, a0);
-        b0 = _mm256_fmadd_ps(LOAD8(r1 + k), x0, b0);
-    }
-    *o0 = hsum256(_mm256_add_ps(a0, a1));
-    *o1 = hsum256(_mm256_add_ps(b0, b1));
-}
-
-/* ---- dense, tile of TM = 6 x rows x 2 weight rows over elements [ka, kb) (multiples of 8) ---- */
-SC_AVX2 SC_NOINLINE static void FN(dn_tile)(const float *x, int64_t xs, const WT *r0, const WT *r1, int64_t ka,
-                                            int64_t kb, __m256 *acc) {
-    ACC_IN
-    for (int64_t k = ka; k < kb; k += 8) {
-        __m256 w0 = LOAD8(r0 + k), w1 = LOAD8(r1 + k);
-        const float *xb = x + k;
-        FMA6(w0, w1)
-    }
-    ACC_OUT
-}
 #undef FMA6
 #undef ACC_IN
 #undef ACC_OUT
 
-#include "_run_template.h"
-
-#undef FN
-#undef ISA_ATTR
-#undef VEC
-#undef VHSUM
-#undef LANES
-#undef CAT
-#undef CAT_
+#include "_run_template.h" /* also undefines the ISA macros */

@@ -6,13 +6,6 @@
  * defines SC_AVX512 (the function target attribute) and SC_NOINLINE. Packed values are expanded in registers
  * (vexpandps zmm{k}{z}, zmm) after a plain 16-value load, not with the memory form of expand, which some
  * implementations run slowly. */
-#ifndef SC_PF_VALUES
-#define SC_PF_VALUES 4096
-#endif
-#ifndef SC_PF_MASK
-#define SC_PF_MASK 1024
-#endif
-
 SC_AVX512 static inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 SC_AVX512 static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }

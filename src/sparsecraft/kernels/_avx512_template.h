@@ -15,6 +15,12 @@
 #define VEC __m512
 #define VHSUM(v) hsum512(v)
 #define LANES 16
+#define VZERO() _mm512_setzero_ps()
+#define VLOADU(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define LOADV(p) LOAD16(p)
+#include "_shared_kernels.h"
 /* The 16-bit piece J (0..3) of mask word u. */
 #define PIECE(u, J) ((unsigned)((u) >> (16 * (J))) & 0xffffu)
 
@@ -46,28 +52,6 @@ SC_AVX512 SC_NOINLINE static void FN(bm_gemv_pair)(const float *x, const uint64_
 }
 
 /* ---- bitmask, tile of TM = 6 x rows (stride xs) x 2 weight rows over mask words [wa, wb) ---- */
-#define FMA6(W0, W1)                                                           \
-    {                                                                          \
-        __m512 xv = _mm512_loadu_ps(xb);                                       \
-        c00 = _mm512_fmadd_ps(W0, xv, c00); c01 = _mm512_fmadd_ps(W1, xv, c01); \
-        xv = _mm512_loadu_ps(xb + xs);                                         \
-        c10 = _mm512_fmadd_ps(W0, xv, c10); c11 = _mm512_fmadd_ps(W1, xv, c11); \
-        xv = _mm512_loadu_ps(xb + 2 * xs);                                     \
-        c20 = _mm512_fmadd_ps(W0, xv, c20); c21 = _mm512_fmadd_ps(W1, xv, c21); \
-        xv = _mm512_loadu_ps(xb + 3 * xs);                                     \
-        c30 = _mm512_fmadd_ps(W0, xv, c30); c31 = _mm512_fmadd_ps(W1, xv, c31); \
-        xv = _mm512_loadu_ps(xb + 4 * xs);                                     \
-        c40 = _mm512_fmadd_ps(W0, xv, c40); c41 = _mm512_fmadd_ps(W1, xv, c41); \
-        xv = _mm512_loadu_ps(xb + 5 * xs);                                     \
-        c50 = _mm512_fmadd_ps(W0, xv, c50); c51 = _mm512_fmadd_ps(W1, xv, c51); \
-    }
-#define ACC_IN                                                                 \
-    __m512 c00 = acc[0], c01 = acc[1], c10 = acc[2], c11 = acc[3], c20 = acc[4], c21 = acc[5]; \
-    __m512 c30 = acc[6], c31 = acc[7], c40 = acc[8], c41 = acc[9], c50 = acc[10], c51 = acc[11];
-#define ACC_OUT                                                                \
-    acc[0] = c00; acc[1] = c01; acc[2] = c10; acc[3] = c11; acc[4] = c20; acc[5] = c21; \
-    acc[6] = c30; acc[7] = c31; acc[8] = c40; acc[9] = c41; acc[10] = c50; acc[11] = c51;
-
 SC_AVX512 SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const uint64_t *m0, const uint64_t *m1,
                                               const WT **pv0, const WT **pv1, int64_t wa, int64_t wb, __m512 *acc) {
     const WT *v0 = *pv0, *v1 = *pv1;
@@ -92,49 +76,9 @@ SC_AVX512 SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const 
     *pv1 = v1;
 }
 
-/* ---- dense, one x row: two weight rows, elements [0, kv) with kv a multiple of 16 ---- */
-SC_AVX512 SC_NOINLINE static void FN(dn_gemv_pair)(const float *x, const WT *r0, const WT *r1, int64_t kv, float *o0,
-                                                   float *o1) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= kv; k += 32) {
-        __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
-        a0 = _mm512_fmadd_ps(LOAD16(r0 + k), x0, a0);
-        b0 = _mm512_fmadd_ps(LOAD16(r1 + k), x0, b0);
-        a1 = _mm512_fmadd_ps(LOAD16(r0 + k + 16), x1, a1);
-        b1 = _mm512_fmadd_ps(LOAD16(r1 + k + 16), x1, b1);
-    }
-    for (; k < kv; k += 16) {
-        __m512 x0 = _mm512_loadu_ps(x + k);
-        a0 = _mm512_fmadd_ps(LOAD16(r0 + k), x0, a0);
-        b0 = _mm512_fmadd_ps(LOAD16(r1 + k), x0, b0);
-    }
-    *o0 = hsum512(_mm512_add_ps(a0, a1));
-    *o1 = hsum512(_mm512_add_ps(b0, b1));
-}
-
-/* ---- dense, tile of TM = 6 x rows x 2 weight rows over elements [ka, kb) (multiples of 16) ---- */
-SC_AVX512 SC_NOINLINE static void FN(dn_tile)(const float *x, int64_t xs, const WT *r0, const WT *r1, int64_t ka,
-                                              int64_t kb, __m512 *acc) {
-    ACC_IN
-    for (int64_t k = ka; k < kb; k += 16) {
-        __m512 w0 = LOAD16(r0 + k), w1 = LOAD16(r1 + k);
-        const float *xb = x + k;
-        FMA6(w0, w1)
-    }
-    ACC_OUT
-}
 #undef FMA6
 #undef ACC_IN
 #undef ACC_OUT
 #undef PIECE
 
-#include "_run_template.h"
-
-#undef FN
-#undef ISA_ATTR
-#undef VEC
-#undef VHSUM
-#undef LANES
-#undef CAT
-#undef CAT_
+#include "_run_template.h" /* also undefines the ISA macros */

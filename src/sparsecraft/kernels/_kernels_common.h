@@ -6,6 +6,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* software prefetch distances (bytes ahead of the value cursor / the current mask word) */
+#ifndef SC_PF_VALUES
+#define SC_PF_VALUES 4096
+#endif
+#ifndef SC_PF_MASK
+#define SC_PF_MASK 1024
+#endif
+
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { TM = 6 }; /* x rows per GEMM tile (the x buffer is padded to a multiple of TM rows when M > 1) */
 enum { FMT_DENSE = 0, FMT_BITMASK = 1 };

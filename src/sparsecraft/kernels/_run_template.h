@@ -3,7 +3,7 @@
  *   FN(name)   the name with the ISA and dtype suffix; SFX the dtype suffix (f32, bf16, f16); WT the stored type
  *   ISA_ATTR   the function target attribute; VEC the vector type; VHSUM(v) its horizontal sum; LANES its fp32 lanes
  * and the kernels FN(bm_gemv_pair), FN(dn_gemv_pair) (dense over [0, kv), kv = K rounded down to LANES),
- * FN(bm_tile) and FN(dn_tile). */
+ * FN(bm_tile) and FN(dn_tile). Undefines those macros at its end. */
 
 /* ---- one thread's share: output rows [r0, r1) for all M x rows ---- */
 ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
@@ -84,3 +84,16 @@ ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
     sc_aligned_free(acc);
 }
 
+/* the including ISA template's macros end here */
+#undef FN
+#undef ISA_ATTR
+#undef VEC
+#undef VHSUM
+#undef LANES
+#undef VZERO
+#undef VLOADU
+#undef VFMA
+#undef VADD
+#undef LOADV
+#undef CAT
+#undef CAT_

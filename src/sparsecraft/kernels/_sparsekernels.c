@@ -103,13 +103,6 @@ SC_AVX2 static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* software prefetch distances (bytes ahead of the value cursor / the current mask word) */
-#ifndef SC_PF_VALUES
-#define SC_PF_VALUES 4096
-#endif
-#ifndef SC_PF_MASK
-#define SC_PF_MASK 1024
-#endif
 /* Byte b of mask word u times 32: the offset of its 32-byte LUT row. */
 #define LUTOFF(u, b) ((b) == 0 ? ((u) << 5) & 0x1fe0u : ((u) >> (8 * (b) - 5)) & 0x1fe0u)
 /* Expand: the popcount(m) packed values at p placed at the set bits of mask byte m (zeros elsewhere), as 8 fp32
