@@ -44,7 +44,7 @@ ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
         int64_t kend = bitmask ? words : kv, kstep = bitmask ? KBW : KBW * 64;
         for (int64_t ka = 0; ka < kend; ka += kstep) {
             int64_t kb = ka + kstep < kend ? ka + kstep : kend;
-            /* x tile outermost: its 4 rows x KBW words stay in L1 while the weight block (in L2) streams by */
+            /* x tile outermost: its TM rows x KBW words stay in L1 while the weight block (in L2) streams by */
             for (int64_t t = 0; t < tiles; ++t) {
                 const float *xt = j->xf + t * TM * kp;
                 for (int64_t p = 0; p < npairs; ++p) {

@@ -206,20 +206,16 @@ static int have_avx512(void) {
 /* ------------------------------------------------------------------ driver */
 typedef void (*RunFn)(const Job *, int64_t, int64_t);
 
+/* dtype (DT_F32, DT_BF16, DT_F16; checked by the caller) and path (PATH_SCALAR, PATH_AVX2, PATH_AVX512; the
+ * vector paths only once the CPU check passed) -> the per-thread driver */
 static RunFn pick(int dtype, int path) {
 #if SC_HAVE_AVX512
-    if (path == PATH_AVX512) {
-        if (dtype == DT_F32) return run_avx512_f32;
-        if (dtype == DT_BF16) return run_avx512_bf16;
-        return run_avx512_f16;
-    }
+    static const RunFn avx512[] = {run_avx512_f32, run_avx512_bf16, run_avx512_f16};
+    if (path == PATH_AVX512) return avx512[dtype];
 #endif
 #if SC_HAVE_AVX2
-    if (path == PATH_AVX2) {
-        if (dtype == DT_F32) return run_avx2_f32;
-        if (dtype == DT_BF16) return run_avx2_bf16;
-        return run_avx2_f16;
-    }
+    static const RunFn avx2[] = {run_avx2_f32, run_avx2_bf16, run_avx2_f16};
+    if (path == PATH_AVX2) return avx2[dtype];
 #endif
     (void)dtype;
     (void)path;

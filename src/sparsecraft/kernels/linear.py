@@ -30,7 +30,7 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FORMATS = {"dense": 0, "bitmask": 1}
 PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 PATH_ENV = "SPARSECRAFT_KERNEL_PATH"
-VALUE_PADDING = 16  # the AVX2 path loads up to 16 values past a row's last one
+VALUE_PADDING = 16  # the vector paths (AVX2, AVX-512) load up to 16 values past a row's last one
 HUGEPAGES = os.environ.get("SPARSECRAFT_HUGEPAGES", "1") != "0"  # packed buffers >= 4 MiB: MADV_HUGEPAGE
 
 _ext = None
