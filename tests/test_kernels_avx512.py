@@ -43,3 +43,4 @@ def test_avx512_kernels_emulated(tmp_path):
     assert lines[-1] == "ok"
     for dtype in ("float32", "bfloat16", "float16"):
         assert f"{dtype}: 400 cases match the float64 reference" in lines
+        assert f"int8 -> {dtype}: 200 cases match the float64 reference" in lines  # int8 values, per-row scales

@@ -11,6 +11,7 @@
 typedef struct { float f[16]; } __m512;       /* 16 x fp32 */
 typedef struct { uint32_t u[16]; } __m512i;   /* 16 x 32-bit integer lanes */
 typedef struct { uint16_t h[16]; } __m256i;   /* 256 bits, used here only as 16 x 16-bit lanes */
+typedef struct { int8_t b[16]; } __m128i;     /* 128 bits, used here only as 16 x int8 lanes */
 typedef uint16_t __mmask16;
 
 #define _MM_HINT_T0 3
@@ -31,6 +32,21 @@ static inline __m512 _mm512_loadu_ps(const void *p) { /* 64 bytes */
 static inline __m256i _mm256_loadu_si256(const __m256i *p) { /* 32 bytes */
     __m256i r;
     memcpy(r.h, p, sizeof r.h);
+    return r;
+}
+static inline __m128i _mm_loadu_si128(const __m128i *p) { /* 16 bytes */
+    __m128i r;
+    memcpy(r.b, p, sizeof r.b);
+    return r;
+}
+static inline __m512i _mm512_cvtepi8_epi32(__m128i a) { /* sign-extend 16 x int8 */
+    __m512i r;
+    for (int i = 0; i < 16; ++i) r.u[i] = (uint32_t)(int32_t)a.b[i];
+    return r;
+}
+static inline __m512 _mm512_cvtepi32_ps(__m512i a) { /* int32 -> fp32, round to nearest (exact below 2^24) */
+    __m512 r;
+    for (int i = 0; i < 16; ++i) r.f[i] = (float)(int32_t)a.u[i];
     return r;
 }
 static inline __m512 _mm512_add_ps(__m512 a, __m512 b) {

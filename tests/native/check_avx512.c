@@ -1,8 +1,9 @@
 /* Runs sparsecraft's AVX-512 kernels (src/sparsecraft/kernels/_avx512_kernels.h) on the plain-C emulation of
  * their intrinsics (avx512_emulation.h) and checks every result against a float64 reference: both formats
- * (bitmask, dense with a row stride), fp32 / bf16 / fp16 weights, GEMV and GEMM tiles (M = 1..17), odd sizes,
- * all-zero and no-zero rows, with and without bias, and the row ranges the OpenMP split hands to threads.
- * Prints one line per dtype and "ok"; exits 1 on the first result outside the tolerance.
+ * (bitmask, dense with a row stride), fp32 / bf16 / fp16 weights, int8 bitmask values with per-row scales (stored
+ * zeros included) and fp32 / bf16 / fp16 outputs, GEMV and GEMM tiles (M = 1..17), odd sizes, all-zero and no-zero
+ * rows, with and without bias, and the row ranges the OpenMP split hands to threads.
+ * Prints one line per value type (and output dtype) and "ok"; exits 1 on the first result outside the tolerance.
  * Built and run by tests/test_kernels.py::test_avx512_kernels_emulated (with AddressSanitizer where available,
  * the packed values allocated with exactly the documented 16 values of padding). */
 #include <stdio.h>
@@ -26,8 +27,14 @@ static uint64_t rnd(void) { /* xorshift64* */
 static double uniform(void) { return (double)(rnd() >> 11) * (1.0 / 9007199254740992.0); }
 static float normalish(void) { return (float)((uniform() + uniform() + uniform() - 1.5) * 2.0); }
 
-/* a random value stored in dtype (bit pattern), and its exact value */
+/* a random value stored in dtype (bit pattern), and its exact value; int8: any of -127..127, zero included */
 static void random_value(int dtype, void *dst, int64_t i, double *exact) {
+    if (dtype == DT_I8) {
+        int8_t q = (int8_t)((int)(rnd() % 255) - 127);
+        ((int8_t *)dst)[i] = q;
+        *exact = q;
+        return;
+    }
     float f = normalish();
     if (f == 0.0f) f = 0.25f;
     if (dtype == DT_F32) {
@@ -50,9 +57,12 @@ static void random_value(int dtype, void *dst, int64_t i, double *exact) {
     }
 }
 
-static int check_case(int dtype, RunFn run, int format, int64_t N, int64_t K, int64_t M, double sparsity, int bias,
-                      int splits) {
-    const size_t es = dtype == DT_F32 ? 4 : 2;
+static size_t esize(int dtype) { return dtype == DT_F32 ? 4 : dtype == DT_I8 ? 1 : 2; }
+
+/* dtype: activations / bias / outputs; wtype: the stored values (dtype, or DT_I8 with a random scale per row) */
+static int check_case(int dtype, int wtype, RunFn run, int format, int64_t N, int64_t K, int64_t M, double sparsity,
+                      int bias, int splits) {
+    const size_t es = esize(wtype);
     const int64_t words = (K + 63) / 64, kp = words * 64, wstride = K + 3;
     double *dense = calloc((size_t)(N * K) + 1, sizeof(double)); /* exact weight values, 0 where pruned */
     uint64_t *mask = calloc((size_t)(N * words) + 1, 8);
@@ -73,14 +83,17 @@ static int check_case(int dtype, RunFn run, int format, int64_t N, int64_t K, in
     void *vals = malloc((size_t)(nnz + 16) * es);
     void *wd = calloc((size_t)(N * wstride) + 1, es);
     memset((char *)vals + nnz * es, 0x7f, 16 * es); /* padding: garbage the expand must not let through */
+    float *scale = wtype == DT_I8 ? malloc((size_t)N * sizeof(float) + 1) : NULL;
+    for (int64_t r = 0; scale && r < N; ++r) scale[r] = (float)(0.001 + 0.05 * uniform());
     for (int64_t r = 0, p = 0; r < N; ++r)
         for (int64_t k = 0; k < K; ++k)
             if ((mask[r * words + k / 64] >> (k % 64)) & 1) {
-                random_value(dtype, vals, p, &dense[r * K + k]);
+                random_value(wtype, vals, p, &dense[r * K + k]);
+                if (scale) dense[r * K + k] *= scale[r]; /* exact in double */
                 memcpy((char *)wd + (r * wstride + k) * es, (char *)vals + p * es, es);
                 ++p;
             }
-    void *bvec = bias ? malloc((size_t)N * es) : NULL;
+    void *bvec = bias ? malloc((size_t)N * esize(dtype)) : NULL;
     double *bexact = calloc((size_t)N + 1, sizeof(double));
     for (int64_t r = 0; bias && r < N; ++r) random_value(dtype, bvec, r, &bexact[r]);
     const int64_t rows = M == 1 ? 1 : (M + TM - 1) / TM * TM;
@@ -89,9 +102,11 @@ static int check_case(int dtype, RunFn run, int format, int64_t N, int64_t K, in
     for (int64_t m = 0; m < M; ++m)
         for (int64_t k = 0; k < K; ++k) xf[m * kp + k] = normalish();
     const int64_t ystride = N + 1;
-    void *y = calloc((size_t)(M * ystride) + 1, es);
-    Job j = {dtype, format, N, K, M, words, xf, mask, rowptr, format == FMT_BITMASK ? vals : wd,
-             format == FMT_BITMASK ? 0 : wstride, bvec, y, ystride};
+    void *y = calloc((size_t)(M * ystride) + 1, esize(dtype));
+    Job j = {.dtype = dtype, .wtype = wtype, .format = format, .N = N, .K = K, .M = M, .words = words, .xf = xf,
+             .mask = mask, .rowptr = rowptr, .w = format == FMT_BITMASK ? vals : wd,
+             .wstride = format == FMT_BITMASK ? 0 : wstride, .scale = scale, .bias = bvec, .y = y,
+             .ystride = ystride};
     /* the rows as OpenMP would hand them to `splits` threads: even boundaries, possibly empty shares */
     for (int t = 0; t < splits; ++t) {
         int64_t r0 = (N * t / splits) & ~(int64_t)1, r1 = t + 1 == splits ? N : (N * (t + 1) / splits) & ~(int64_t)1;
@@ -109,13 +124,13 @@ static int check_case(int dtype, RunFn run, int format, int64_t N, int64_t K, in
             double got = load_f32(dtype, y, m * ystride + r);
             double tol = unit * fabs(ref) + 4.0 * (double)(K + 2) * 0x1p-24 * bound + 1e-30;
             if (!(fabs(got - ref) <= tol)) {
-                printf("FAIL dtype %d format %d N %lld K %lld M %lld sparsity %.2f bias %d splits %d: y[%lld, %lld] = "
-                       "%.9g, reference %.9g (tolerance %.3g)\n", dtype, format, (long long)N, (long long)K,
-                       (long long)M, sparsity, bias, splits, (long long)m, (long long)r, got, ref, tol);
+                printf("FAIL dtype %d wtype %d format %d N %lld K %lld M %lld sparsity %.2f bias %d splits %d: "
+                       "y[%lld, %lld] = %.9g, reference %.9g (tolerance %.3g)\n", dtype, wtype, format, (long long)N,
+                       (long long)K, (long long)M, sparsity, bias, splits, (long long)m, (long long)r, got, ref, tol);
                 bad = 1;
             }
         }
-    free(dense); free(mask); free(rowptr); free(vals); free(wd); free(bvec); free(bexact); free(y);
+    free(dense); free(mask); free(rowptr); free(vals); free(wd); free(scale); free(bvec); free(bexact); free(y);
     sc_aligned_free(xf);
     return bad;
 }
@@ -125,21 +140,24 @@ int main(void) {
                                         {10, 2065}};
     static const double sparsities[] = {0.0, 0.5, 0.7, 0.9, 1.0};
     static const int64_t batches[] = {1, 3, 6, 7, 17};
-    static const RunFn runs[] = {run_avx512_f32, run_avx512_bf16, run_avx512_f16};
+    static const RunFn runs[] = {run_avx512_f32, run_avx512_bf16, run_avx512_f16, run_avx512_i8};
     static const char *names[] = {"float32", "bfloat16", "float16"};
-    for (int dtype = DT_F32; dtype <= DT_F16; ++dtype) {
+    /* float values in the activations' dtype (both formats), then int8 bitmask values with each activation dtype */
+    for (int c = 0; c < 6; ++c) {
+        const int wtype = c < 3 ? c : DT_I8, dtype = c % 3;
         int cases = 0;
         for (size_t s = 0; s < sizeof shapes / sizeof *shapes; ++s)
             for (size_t p = 0; p < sizeof sparsities / sizeof *sparsities; ++p)
                 for (size_t b = 0; b < sizeof batches / sizeof *batches; ++b)
-                    for (int format = FMT_DENSE; format <= FMT_BITMASK; ++format) {
+                    for (int format = wtype == DT_I8 ? FMT_BITMASK : FMT_DENSE; format <= FMT_BITMASK; ++format) {
                         int bias = (int)((s + p + b) & 1), splits = 1 + (int)((s + b) % 3);
-                        if (check_case(dtype, runs[dtype], format, shapes[s][0], shapes[s][1], batches[b],
+                        if (check_case(dtype, wtype, runs[wtype], format, shapes[s][0], shapes[s][1], batches[b],
                                        sparsities[p], bias, splits))
                             return 1;
                         ++cases;
                     }
-        printf("%s: %d cases match the float64 reference\n", names[dtype], cases);
+        if (wtype == DT_I8) printf("int8 -> %s: %d cases match the float64 reference\n", names[dtype], cases);
+        else printf("%s: %d cases match the float64 reference\n", names[dtype], cases);
     }
     printf("ok\n");
     return 0;

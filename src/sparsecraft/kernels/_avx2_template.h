@@ -1,11 +1,11 @@
-/* AVX2 + FMA kernels for one weight dtype; included by _sparsekernels.c once per dtype with
- *   SFX            name suffix (f32, bf16, f16)
- *   WT             stored element type (float or uint16_t)
- *   EXPANDI(p, o)  __m256: the popcount(m) packed values at p placed at the set bits of mask byte m = o / 32, zeros
- *                  elsewhere (o = LUTOFF(word, b), the byte offset of m's LUT row)
- *   LOAD8(p)       __m256: 8 consecutive stored values at p converted to fp32
+/* AVX2 + FMA kernels for one stored weight value type; included by _sparsekernels.c once per type with
+ *   SFX   name suffix (f32, bf16, f16, i8), naming the helpers the kernels call:
+ *         expandi_SFX(p, o)  __m256: the popcount(m) packed values at p placed at the set bits of mask byte
+ *                            m = o / 32, zeros elsewhere (o = LUTOFF(word, b), the byte offset of m's LUT row)
+ *         load8_SFX(p)       __m256: 8 consecutive stored values at p converted to fp32
+ *   WT    stored element type (float, uint16_t or int8_t)
  * Every function here is compiled for avx2/fma/f16c/popcnt and only called after a runtime CPU check; the per-thread
- * driver FN(run) comes from _run_template.h. */
+ * driver FN(run) comes from _run_template.h. SFX and WT are undefined at the end. */
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
@@ -18,7 +18,8 @@
 #define VLOADU(p) _mm256_loadu_ps(p)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm256_add_ps(a, b)
-#define LOADV(p) LOAD8(p)
+#define EXPANDI(p, o) CAT(expandi, SFX)(p, o)
+#define LOADV(p) CAT(load8, SFX)(p)
 #include "_shared_kernels.h"
 
 /* ---- bitmask, one x row (decode GEMV): two weight rows at a time, two accumulators each ----
@@ -85,3 +86,6 @@ SC_AVX2 SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const ui
 #undef ACC_OUT
 
 #include "_run_template.h" /* also undefines the ISA macros */
+#undef EXPANDI
+#undef SFX
+#undef WT

@@ -1,5 +1,5 @@
-/* AVX-512F kernels: per-dtype expand / load helpers and the instantiations of _avx512_template.h, which define
- * run_avx512_f32, run_avx512_bf16 and run_avx512_f16 (one thread's rows; see _run_template.h).
+/* AVX-512F kernels: per-value-type expand / load helpers and the instantiations of _avx512_template.h, which define
+ * run_avx512_f32, run_avx512_bf16, run_avx512_f16 and run_avx512_i8 (one thread's rows; see _run_template.h).
  *
  * The includer provides the AVX-512 intrinsics (<immintrin.h> in _sparsekernels.c; tests/native/ includes an
  * emulation of the few used here instead, so that the kernels' logic is checked on CPUs without AVX-512) and
@@ -16,6 +16,9 @@ SC_AVX512 static inline __m512 load16_bf16(const uint16_t *p) { /* bf16 -> fp32:
 SC_AVX512 static inline __m512 load16_f16(const uint16_t *p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
+SC_AVX512 static inline __m512 load16_i8(const int8_t *p) { /* int8 -> int32 -> fp32 (exact) */
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
 SC_AVX512 static inline __m512 expand16_f32(const float *p, unsigned k) {
     return _mm512_maskz_expand_ps((__mmask16)k, load16_f32(p));
 }
@@ -25,33 +28,19 @@ SC_AVX512 static inline __m512 expand16_bf16(const uint16_t *p, unsigned k) {
 SC_AVX512 static inline __m512 expand16_f16(const uint16_t *p, unsigned k) {
     return _mm512_maskz_expand_ps((__mmask16)k, load16_f16(p));
 }
+SC_AVX512 static inline __m512 expand16_i8(const int8_t *p, unsigned k) { /* 16 bytes read, converted, expanded */
+    return _mm512_maskz_expand_ps((__mmask16)k, load16_i8(p));
+}
 
 #define SFX f32
 #define WT float
-#define EXPAND16(p, k) expand16_f32(p, k)
-#define LOAD16(p) load16_f32(p)
 #include "_avx512_template.h"
-#undef SFX
-#undef WT
-#undef EXPAND16
-#undef LOAD16
-
 #define SFX bf16
 #define WT uint16_t
-#define EXPAND16(p, k) expand16_bf16(p, k)
-#define LOAD16(p) load16_bf16(p)
 #include "_avx512_template.h"
-#undef SFX
-#undef WT
-#undef EXPAND16
-#undef LOAD16
-
 #define SFX f16
 #define WT uint16_t
-#define EXPAND16(p, k) expand16_f16(p, k)
-#define LOAD16(p) load16_f16(p)
 #include "_avx512_template.h"
-#undef SFX
-#undef WT
-#undef EXPAND16
-#undef LOAD16
+#define SFX i8
+#define WT int8_t
+#include "_avx512_template.h"

@@ -1,12 +1,13 @@
-/* AVX-512F kernels for one weight dtype; included by _avx512_kernels.h once per dtype with
- *   SFX             name suffix (f32, bf16, f16)
- *   WT              stored element type (float or uint16_t)
- *   EXPAND16(p, k)  __m512: the popcount(k) packed values at p placed at the set bits of the 16-bit mask k, zeros
- *                   elsewhere (reads 16 stored values from p: the packed buffer has 16 values of padding)
- *   LOAD16(p)       __m512: 16 consecutive stored values at p converted to fp32
+/* AVX-512F kernels for one stored weight value type; included by _avx512_kernels.h once per type with
+ *   SFX   name suffix (f32, bf16, f16, i8), naming the helpers the kernels call:
+ *         expand16_SFX(p, k)  __m512: the popcount(k) packed values at p placed at the set bits of the 16-bit mask
+ *                             k, zeros elsewhere (reads 16 stored values from p: the packed buffer has 16 values
+ *                             of padding)
+ *         load16_SFX(p)       __m512: 16 consecutive stored values at p converted to fp32
+ *   WT    stored element type (float, uint16_t or int8_t)
  * Every function here is compiled for avx512f and only called after a runtime CPU check; the per-thread driver
  * FN(run) comes from _run_template.h. One expand instruction places 16 values (the AVX2 path needs a table lookup,
- * a shuffle and a popcount per 8), so each 64-bit mask word takes 4 steps. */
+ * a shuffle and a popcount per 8), so each 64-bit mask word takes 4 steps. SFX and WT are undefined at the end. */
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
@@ -19,7 +20,8 @@
 #define VLOADU(p) _mm512_loadu_ps(p)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm512_add_ps(a, b)
-#define LOADV(p) LOAD16(p)
+#define EXPAND16(p, k) CAT(expand16, SFX)(p, k)
+#define LOADV(p) CAT(load16, SFX)(p)
 #include "_shared_kernels.h"
 /* The 16-bit piece J (0..3) of mask word u. */
 #define PIECE(u, J) ((unsigned)((u) >> (16 * (J))) & 0xffffu)
@@ -82,3 +84,6 @@ SC_AVX512 SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const 
 #undef PIECE
 
 #include "_run_template.h" /* also undefines the ISA macros */
+#undef EXPAND16
+#undef SFX
+#undef WT

@@ -14,19 +14,22 @@
 #define SC_PF_MASK 1024
 #endif
 
-enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_I8 = 3 }; /* DT_I8: stored weight values only (wtype) */
 enum { TM = 6 }; /* x rows per GEMM tile (the x buffer is padded to a multiple of TM rows when M > 1) */
 enum { FMT_DENSE = 0, FMT_BITMASK = 1 };
 enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX512 = 3 };
 
 typedef struct {
-    int dtype, format;
+    int dtype;              /* activations, bias and outputs: DT_F32, DT_BF16 or DT_F16 */
+    int wtype;              /* the stored weight values: dtype, or DT_I8 (bitmask only, with per-row scales) */
+    int format;
     int64_t N, K, M, words;
     const float *xf;        /* x as float32, rows padded to words*64 columns (and to TM rows when M > 1) */
     const uint64_t *mask;   /* bitmask: [N, words] */
     const int64_t *rowptr;  /* bitmask: [N + 1] */
-    const void *w;          /* bitmask: packed values; dense: [N, wstride] */
+    const void *w;          /* bitmask: packed values; dense: [N, wstride]; in wtype */
     int64_t wstride;
+    const float *scale;     /* wtype DT_I8: [N] float32, y[m, r] = scale[r] * (x_m . q_r) + bias[r]; else NULL */
     const void *bias;       /* [N] in dtype, or NULL */
     void *y;                /* [M, ystride] in dtype */
     int64_t ystride;
@@ -37,6 +40,7 @@ static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f;
 static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
 static inline float to_f32_f32(float v) { return v; }
+static inline float to_f32_i8(int8_t v) { return (float)v; }
 static inline float to_f32_bf16(uint16_t v) { return bits_f32((uint32_t)v << 16); }
 static inline float to_f32_f16(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
@@ -72,11 +76,15 @@ static inline uint16_t from_f32_f16(float f) { /* round to nearest even */
 
 static inline float load_f32(int dtype, const void *p, int64_t i) {
     if (dtype == DT_F32) return ((const float *)p)[i];
+    if (dtype == DT_I8) return (float)((const int8_t *)p)[i];
     if (dtype == DT_BF16) return to_f32_bf16(((const uint16_t *)p)[i]);
     return to_f32_f16(((const uint16_t *)p)[i]);
 }
 
+/* y[m, r] = (scale[r] *) v (+ bias[r]), rounded to dtype: the row scale of int8 values multiplies the row's
+ * float32 dot product once */
 static inline void store_out(const Job *j, int64_t m, int64_t r, float v) {
+    if (j->scale) v *= j->scale[r];
     if (j->bias) v += load_f32(j->dtype, j->bias, r);
     int64_t i = m * j->ystride + r;
     if (j->dtype == DT_F32) ((float *)j->y)[i] = v;

@@ -1,6 +1,6 @@
-/* The per-thread driver of one vector ISA and weight dtype: output rows [r0, r1) for all M x rows, calling that
- * ISA's kernels. Included at the end of _avx2_template.h / _avx512_template.h, which define
- *   FN(name)   the name with the ISA and dtype suffix; SFX the dtype suffix (f32, bf16, f16); WT the stored type
+/* The per-thread driver of one vector ISA and stored weight value type: output rows [r0, r1) for all M x rows, calling
+ * that ISA's kernels. Included at the end of _avx2_template.h / _avx512_template.h, which define
+ *   FN(name)   the name with the ISA and value type suffix; SFX that suffix (f32, bf16, f16, i8); WT the stored type
  *   ISA_ATTR   the function target attribute; VEC the vector type; VHSUM(v) its horizontal sum; LANES its fp32 lanes
  * and the kernels FN(bm_gemv_pair), FN(dn_gemv_pair) (dense over [0, kv), kv = K rounded down to LANES),
  * FN(bm_tile) and FN(dn_tile). Undefines those macros at its end. */

@@ -3,7 +3,9 @@
  * Bitmask format (one output row at a time): `words` = ceil(K / 64) uint64 mask words per row (bit k of word w is
  * input column 64 w + k; padding bits are 0), the row's nonzero values packed contiguously in column order,
  * row r's values starting at rowptr[r]; the value array has >= 16 elements of padding after the last value.
- * Values and activations are float32, bfloat16 or float16; arithmetic is float32.
+ * Values and activations are float32, bfloat16 or float16; arithmetic is float32. Bitmask values may also be int8
+ * with one float32 scale per row (symmetric): the row's dot product with the int8 values is multiplied by its scale
+ * once, y = scale_r * (x . q_r) + b_r, with activations and outputs in the model's dtype.
  *
  * Paths: a portable scalar path (any C compiler, any CPU), an AVX2+FMA path (_avx2_template.h) and an AVX-512F
  * path (_avx512_kernels.h) for x86-64, compiled with function target attributes; the widest one the CPU and the OS
@@ -44,7 +46,7 @@ static void run_scalar(const Job *j, int64_t r0, int64_t r1) {
     const int64_t kp = j->words * 64;
     float *wrow = (float *)sc_aligned_alloc((size_t)kp * sizeof(float));
     if (!wrow) return;
-    const size_t es = j->dtype == DT_F32 ? 4 : 2;
+    const size_t es = j->wtype == DT_F32 ? 4 : j->wtype == DT_I8 ? 1 : 2;
     for (int64_t r = r0; r < r1; ++r) {
         memset(wrow, 0, (size_t)kp * sizeof(float));
         if (j->format == FMT_BITMASK) {
@@ -54,11 +56,11 @@ static void run_scalar(const Job *j, int64_t r0, int64_t r1) {
                 for (uint64_t u = mk[w]; u; u &= u - 1) {
                     int b = 0;
                     while (!((u >> b) & 1u)) ++b;
-                    wrow[w * 64 + b] = load_f32(j->dtype, j->w, pos++);
+                    wrow[w * 64 + b] = load_f32(j->wtype, j->w, pos++);
                 }
         } else {
             const char *row = (const char *)j->w + (size_t)(r * j->wstride) * es;
-            for (int64_t k = 0; k < j->K; ++k) wrow[k] = load_f32(j->dtype, row, k);
+            for (int64_t k = 0; k < j->K; ++k) wrow[k] = load_f32(j->wtype, row, k);
         }
         for (int64_t m = 0; m < j->M; ++m) {
             const float *x = j->xf + m * kp;
@@ -78,6 +80,7 @@ static void run_scalar(const Job *j, int64_t r0, int64_t r1) {
 static uint8_t LUT_BF16[256][32] __attribute__((aligned(32))); /* fp32 lane = bf16 << 16 */
 static uint8_t LUT_F16[256][16] __attribute__((aligned(16)));  /* 8 x fp16, then vcvtph2ps */
 static int32_t LUT_F32[256][8] __attribute__((aligned(32)));   /* vpermps index; sign bit set = zero lane */
+static uint8_t LUT_I8[256][8] __attribute__((aligned(8)));      /* 8 x int8, then vpmovsxbd + vcvtdq2ps */
 
 static void init_luts(void) {
     for (int m = 0; m < 256; ++m) {
@@ -91,6 +94,7 @@ static void init_luts(void) {
             LUT_F16[m][2 * i + 0] = on ? (uint8_t)(2 * p) : 0x80;
             LUT_F16[m][2 * i + 1] = on ? (uint8_t)(2 * p + 1) : 0x80;
             LUT_F32[m][i] = on ? p : (int32_t)0x80000000u;
+            LUT_I8[m][i] = on ? (uint8_t)p : 0x80;
             p += on;
         }
     }
@@ -106,7 +110,8 @@ SC_AVX2 static inline float hsum256(__m256 v) {
 /* Byte b of mask word u times 32: the offset of its 32-byte LUT row. */
 #define LUTOFF(u, b) ((b) == 0 ? ((u) << 5) & 0x1fe0u : ((u) >> (8 * (b) - 5)) & 0x1fe0u)
 /* Expand: the popcount(m) packed values at p placed at the set bits of mask byte m (zeros elsewhere), as 8 fp32
- * lanes. `off` is m * 32, the byte offset of m's LUT row (the f16 LUT has 16-byte rows, so it is halved). */
+ * lanes. `off` is m * 32, the byte offset of m's LUT row (the f16 and int8 LUTs have 16- and 8-byte rows, so it is
+ * divided by 2 and 4). */
 SC_AVX2 static inline __m256 expandi_bf16(const uint16_t *p, uint64_t off) {
     __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_shuffle_epi8(v, _mm256_load_si256((const __m256i *)((const char *)LUT_BF16 + off))));
@@ -120,6 +125,11 @@ SC_AVX2 static inline __m256 expandi_f32(const float *p, uint64_t off) {
     __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(p), idx);
     return _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
 }
+SC_AVX2 static inline __m256 expandi_i8(const int8_t *p, uint64_t off) { /* 8 bytes read */
+    __m128i c = _mm_loadl_epi64((const __m128i *)((const char *)LUT_I8 + (off >> 2)));
+    __m128i v = _mm_shuffle_epi8(_mm_loadl_epi64((const __m128i *)p), c);
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+}
 SC_AVX2 static inline __m256 load8_bf16(const uint16_t *p) {
     __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
@@ -128,36 +138,22 @@ SC_AVX2 static inline __m256 load8_f16(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
 SC_AVX2 static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+SC_AVX2 static inline __m256 load8_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
 
 #define SFX f32
 #define WT float
-#define EXPANDI(p, o) expandi_f32(p, o)
-#define LOAD8(p) load8_f32(p)
 #include "_avx2_template.h"
-#undef SFX
-#undef WT
-#undef EXPANDI
-#undef LOAD8
-
 #define SFX bf16
 #define WT uint16_t
-#define EXPANDI(p, o) expandi_bf16(p, o)
-#define LOAD8(p) load8_bf16(p)
 #include "_avx2_template.h"
-#undef SFX
-#undef WT
-#undef EXPANDI
-#undef LOAD8
-
 #define SFX f16
 #define WT uint16_t
-#define EXPANDI(p, o) expandi_f16(p, o)
-#define LOAD8(p) load8_f16(p)
 #include "_avx2_template.h"
-#undef SFX
-#undef WT
-#undef EXPANDI
-#undef LOAD8
+#define SFX i8
+#define WT int8_t
+#include "_avx2_template.h"
 
 static int cpu_avx2 = -1; /* avx2 + fma + f16c + popcnt, with OS support for ymm state */
 static int detect_avx2(void) {
@@ -206,18 +202,19 @@ static int have_avx512(void) {
 /* ------------------------------------------------------------------ driver */
 typedef void (*RunFn)(const Job *, int64_t, int64_t);
 
-/* dtype (DT_F32, DT_BF16, DT_F16; checked by the caller) and path (PATH_SCALAR, PATH_AVX2, PATH_AVX512; the
- * vector paths only once the CPU check passed) -> the per-thread driver */
-static RunFn pick(int dtype, int path) {
+/* stored value type (DT_F32, DT_BF16, DT_F16, DT_I8; checked by the caller) and path (PATH_SCALAR, PATH_AVX2,
+ * PATH_AVX512; the vector paths only once the CPU check passed) -> the per-thread driver. The kernels are written
+ * per value type only: activations arrive as float32 (xf) and store_out writes the output dtype. */
+static RunFn pick(int wtype, int path) {
 #if SC_HAVE_AVX512
-    static const RunFn avx512[] = {run_avx512_f32, run_avx512_bf16, run_avx512_f16};
-    if (path == PATH_AVX512) return avx512[dtype];
+    static const RunFn avx512[] = {run_avx512_f32, run_avx512_bf16, run_avx512_f16, run_avx512_i8};
+    if (path == PATH_AVX512) return avx512[wtype];
 #endif
 #if SC_HAVE_AVX2
-    static const RunFn avx2[] = {run_avx2_f32, run_avx2_bf16, run_avx2_f16};
-    if (path == PATH_AVX2) return avx2[dtype];
+    static const RunFn avx2[] = {run_avx2_f32, run_avx2_bf16, run_avx2_f16, run_avx2_i8};
+    if (path == PATH_AVX2) return avx2[wtype];
 #endif
-    (void)dtype;
+    (void)wtype;
     (void)path;
     return run_scalar;
 }
@@ -272,18 +269,22 @@ static int parse_i64(PyObject *const *args, Py_ssize_t n, int64_t *out) {
     return 0;
 }
 
-/* matmul(dtype, format, path, nthreads, N, K, M, words, x, x_stride, mask, rowptr, w, w_stride, bias, y, y_stride)
- * Every pointer is an address (int); x is [M, x_stride] in dtype with K valid columns. */
+/* matmul(dtype, format, path, nthreads, N, K, M, words, x, x_stride, mask, rowptr, w, w_stride, bias, y, y_stride
+ *        [, wtype, scale])
+ * Every pointer is an address (int); x is [M, x_stride] in dtype with K valid columns. wtype (default dtype) is the
+ * stored values' type: dtype, or DT_I8 (bitmask only) with scale the address of N float32 row scales. */
 static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 17) {
-        PyErr_SetString(PyExc_TypeError, "matmul takes 17 integer arguments");
+    if (nargs != 17 && nargs != 19) {
+        PyErr_SetString(PyExc_TypeError, "matmul takes 17 or 19 integer arguments");
         return NULL;
     }
-    int64_t a[17];
-    if (parse_i64(args, 17, a)) return NULL;
+    int64_t a[19];
+    if (parse_i64(args, nargs, a)) return NULL;
     Job j;
     j.dtype = (int)a[0];
+    j.wtype = nargs == 19 ? (int)a[17] : j.dtype;
+    j.scale = nargs == 19 ? (const float *)(uintptr_t)a[18] : NULL;
     j.format = (int)a[1];
     int path = (int)a[2], nthreads = (int)a[3];
     j.N = a[4];
@@ -300,7 +301,8 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
     j.y = (void *)(uintptr_t)a[15];
     j.ystride = a[16];
     if (j.dtype < DT_F32 || j.dtype > DT_F16 || j.format < FMT_DENSE || j.format > FMT_BITMASK || j.N < 0 ||
-        j.K < 0 || j.M < 1 || j.words != (j.K + 63) / 64 || (j.format == FMT_BITMASK && !j.rowptr)) {
+        j.K < 0 || j.M < 1 || j.words != (j.K + 63) / 64 || (j.format == FMT_BITMASK && !j.rowptr) ||
+        (j.wtype != j.dtype && (j.wtype != DT_I8 || j.format != FMT_BITMASK)) || (j.wtype == DT_I8) != !!j.scale) {
         PyErr_SetString(PyExc_ValueError, "matmul: inconsistent arguments");
         return NULL;
     }
@@ -328,7 +330,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
         }
     }
     j.xf = xf;
-    run_job(&j, pick(j.dtype, path), nthreads);
+    run_job(&j, pick(j.wtype, path), nthreads);
     Py_END_ALLOW_THREADS
     sc_aligned_free(xf);
     Py_RETURN_NONE;
