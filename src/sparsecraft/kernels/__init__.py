@@ -1,4 +1,5 @@
-"""CPU sparse kernels: SparseLinear (bitmask + packed values, AVX2 or portable C) and model conversion.
+"""CPU sparse kernels: SparseLinear (bitmask + packed values in the model's dtype or int8 with per-row scales; AVX-512,
+AVX2 or portable C) and model conversion.
 
 `sparsify_model(model)` swaps sparse nn.Linear / Conv1D layers for SparseLinear in place, `densify_model(model)`
 swaps them back. For 2:4 models on CUDA, `sparsify_semi_structured(model)` uses torch's semi-structured sparse
@@ -11,6 +12,7 @@ from .convert import (
     densify_model,
     has_kernels,
     kernel_layers,
+    sparsify_compressed,
     sparsify_if_available,
     sparsify_model,
 )
@@ -20,6 +22,8 @@ from .linear import (
     get_path,
     info,
     pack_bitmask,
+    pack_compressed,
+    pack_int8,
     set_path,
     unpack_bitmask,
     use_path,
@@ -37,8 +41,11 @@ __all__ = [
     "info",
     "kernel_layers",
     "pack_bitmask",
+    "pack_compressed",
+    "pack_int8",
     "semi_structured_available",
     "set_path",
+    "sparsify_compressed",
     "sparsify_if_available",
     "sparsify_model",
     "sparsify_semi_structured",

@@ -6,6 +6,11 @@ A layer is stored in one of two formats:
   row's nonzero values packed contiguously in the model's dtype, plus row offsets. At 50% sparsity a bf16 layer
   reads 9/16 of the dense bytes, at 70% 29/80. The kernels expand each mask byte into 8 lanes with one shuffle
   (AVX2) and multiply by the dense activations in float32.
+* ``bitmask`` with int8 values (``quantize="int8"``): the same mask, the row's kept weights as symmetric int8
+  (sparsecraft.quantize: q = round(w / s), s = max |w_row| / 127) and one float32 scale per output row, applied
+  once to the row's float32 dot product: y_r = s_r (x . q_r) + b_r. Activations and outputs keep the model's dtype.
+  A kept weight that rounds to 0 stays in the mask as a stored 0, so the mask is the float layer's. At 50% a layer
+  reads about 5/16 of its bf16 dense bytes.
 * ``dense``: the original weight, multiplied by the same kernels' dense path (faster than torch's bf16 GEMV on
   CPUs without native bf16 instructions). The weight Parameter is kept as is, so tied weights stay tied.
 
@@ -18,6 +23,7 @@ bfloat16 or float16. Packed buffers of 4 MiB or more ask Linux for transparent h
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -28,6 +34,7 @@ from ..errors import KernelError
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FORMATS = {"dense": 0, "bitmask": 1}
+QUANTIZE = {"int8": 3}  # stored value type -> the kernels' code (DT_I8)
 PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 PATH_ENV = "SPARSECRAFT_KERNEL_PATH"
 VALUE_PADDING = 16  # the vector paths (AVX2, AVX-512) load up to 16 values past a row's last one
@@ -122,6 +129,12 @@ def _path_code() -> int:
     return _path_value
 
 
+def check_quantize(quantize: str | None) -> None:
+    if quantize is not None and quantize not in QUANTIZE:
+        raise KernelError(f"unknown SparseLinear value type quantize={quantize!r}: use None (the model's dtype) or "
+                          "'int8'")
+
+
 def _conv1d_type():
     from ..models import PRUNABLE_TYPES
 
@@ -150,6 +163,57 @@ def pack_bitmask(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     ext.pack(weight.element_size(), n, k, words, weight.data_ptr(), weight.stride(0), weight.stride(1),
              rowptr.data_ptr(), mask.data_ptr(), values.data_ptr(), torch.get_num_threads())
     return mask, rowptr, values
+
+
+def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask int64 [N, words], rowptr int64 [N + 1], values int8 [nnz + padding], scale float32 [N]) of a 2-D CPU
+    weight: pack_bitmask's mask of its non-zeros and their int8 values (sparsecraft.quantize.quantize_int8, one
+    scale per row). A kept weight that rounds to 0 is stored as 0: the mask is the float weight's."""
+    from ..quantize import quantize_int8
+
+    q, scale = quantize_int8(weight)
+    mask, rowptr, _ = pack_bitmask(weight)
+    nnz = int(rowptr[-1])
+    values = _stream_buffer(require(), nnz + VALUE_PADDING, torch.int8)
+    values[nnz:] = 0
+    values[:nnz] = q[weight.detach() != 0]
+    return mask, rowptr, values, scale
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def pack_compressed(shape: tuple[int, int], bitmask: torch.Tensor, values: torch.Tensor,
+                    row_offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask, rowptr, values + padding) from compressed-tensors sparse-bitmask parts (sparsecraft.compressed):
+    `bitmask` uint8 [N, ceil(K / 8)] (column 8 b + i is bit i of byte b), the kept `values` in row-major order (any
+    dtype, copied bit for bit), `row_offsets` int64 [N] (checked when given). No float round trip."""
+    ext = require()
+    n, k = (int(v) for v in shape)
+    words, nb = (k + 63) // 64, (k + 7) // 8
+    bitmask, values = bitmask.detach().cpu(), values.detach().cpu().reshape(-1)
+    if bitmask.dtype != torch.uint8 or tuple(bitmask.shape) != (n, nb):
+        raise KernelError(f"a bitmask for a [{n}, {k}] weight is uint8 [{n}, {nb}], got {bitmask.dtype} "
+                          f"{tuple(bitmask.shape)}")
+    if k % 8 and n and bool((bitmask[:, -1] >> (k % 8)).any()):
+        raise KernelError(f"the bitmask marks columns past the weight's {k}: it is corrupt")
+    rowptr = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(_POPCOUNT[bitmask.long()].sum(dim=1), 0, out=rowptr[1:])
+    nnz = int(rowptr[-1])
+    if values.numel() != nnz or (row_offsets is not None and not torch.equal(row_offsets.reshape(-1).cpu(),
+                                                                              rowptr[:-1])):
+        raise KernelError(f"the bitmask marks {nnz} weights but {values.numel()} values are stored (or the row "
+                          "offsets disagree): the checkpoint is corrupt, re-export it")
+    mask = _stream_buffer(ext, n * words, torch.int64).view(n, words)
+    raw = mask.view(torch.uint8).view(n, words * 8)  # mask word w of a row is bytes 8 w .. 8 w + 7, little-endian
+    raw[:, nb:] = 0
+    raw[:, :nb] = bitmask
+    if sys.byteorder == "big":
+        mask.copy_(torch.from_numpy(mask.numpy().byteswap()))
+    packed = _stream_buffer(ext, nnz + VALUE_PADDING, values.dtype)
+    packed[nnz:] = 0
+    packed[:nnz] = values
+    return mask, rowptr, packed
 
 
 def _stream_buffer(ext, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -191,13 +255,20 @@ class SparseLinear(nn.Module):
     """y = x Wᵀ + b on the CPU kernels (inference; gradients flow to the input only, not to weight or bias).
 
     Build it with `SparseLinear.from_module(linear_or_conv1d, format)`; `to_module()` gives the dense layer back.
+    `quantize="int8"` (bitmask only) stores int8 values with a float32 scale per output row (buffer `scale`);
+    `dense_weight()`, `to_module()` and `state_dict()` then give the dequantized weight q * scale in the model's
+    dtype, and loading a state dict re-quantizes (its mask: the loaded weight's non-zeros).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, format: str = "bitmask"):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, format: str = "bitmask",
+                 quantize: str | None = None):
         super().__init__()
         require()
         if format not in FORMATS:
             raise KernelError(f"unknown SparseLinear format {format!r}: use 'bitmask' or 'dense'")
+        check_quantize(quantize)
+        if quantize is not None and format != "bitmask":
+            raise KernelError(f"{quantize} values need the bitmask format, not {format!r}")
         if weight.dim() != 2 or weight.dtype not in DTYPES or weight.device.type != "cpu":
             raise KernelError(f"SparseLinear needs a 2-D float32/bfloat16/float16 CPU weight, got shape "
                               f"{tuple(weight.shape)} {weight.dtype} on {weight.device}: move the model to the CPU "
@@ -205,40 +276,46 @@ class SparseLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.format = format
         self.source = "linear"  # or 'conv1d': what to_module() rebuilds
+        self.quantize = quantize
+        self._model_dtype = weight.dtype if quantize else None  # int8: the activations' dtype (no weight holds it)
         if format == "bitmask":
-            mask, rowptr, values = pack_bitmask(weight)
-            self._set_packed(mask, rowptr, values)
+            self._set_packed(*(pack_int8(weight) if quantize else pack_bitmask(weight)))
         else:
             if isinstance(weight, nn.Parameter) and weight.is_contiguous():
                 self.weight = weight  # the same Parameter: ties (e.g. lm_head = embeddings) survive
             else:
                 self.register_buffer("weight", weight.detach().contiguous())
             self.nnz = int((self.weight != 0).sum())
-        if bias is not None and (bias.dtype != weight.dtype or bias.shape != (self.out_features,)):
-            raise KernelError(f"bias must be [{self.out_features}] {weight.dtype}, got {tuple(bias.shape)} "
-                              f"{bias.dtype}")
+        self._set_bias(bias, weight.dtype)
+        self._refresh()
+
+    def _set_bias(self, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        if bias is not None and (bias.dtype != dtype or bias.shape != (self.out_features,)):
+            raise KernelError(f"bias must be [{self.out_features}] {dtype}, got {tuple(bias.shape)} {bias.dtype}")
         if isinstance(bias, nn.Parameter) or bias is None:
             self.bias = bias
         else:
             self.register_buffer("bias", bias.detach().contiguous())
-        self._refresh()
 
     # The forward pass reads its tensors from plain attributes (nn.Module attribute lookups cost microseconds per
     # decode step); they are refreshed whenever a tensor attribute is set or the module is moved / cast.
-    _TENSORS = ("mask", "rowptr", "values", "weight", "bias")
+    _TENSORS = ("mask", "rowptr", "values", "scale", "weight", "bias")
 
     def _refresh(self) -> None:
         d = self.__dict__
         get = self._buffers.get
         d["_bias_t"] = self._parameters.get("bias", get("bias"))
+        d["_scale_t"] = get("scale") if self.quantize else None
         if self.format == "bitmask":
             d["_mask_t"], d["_rowptr_t"], d["_w_t"] = get("mask"), get("rowptr"), get("values")
         else:
             d["_mask_t"] = d["_rowptr_t"] = None
             d["_w_t"] = self._parameters.get("weight", get("weight"))
         w = d["_w_t"]
-        d["_dt"] = DTYPES.get(w.dtype, -1) if w is not None else -1
-        d["_dtype"] = w.dtype if d["_dt"] >= 0 else None  # None fails forward's fast check: _check explains
+        dtype = self._model_dtype if self.quantize else w.dtype if w is not None else None
+        d["_dt"] = DTYPES.get(dtype, -1)
+        d["_wt"] = QUANTIZE[self.quantize] if self.quantize else d["_dt"]  # the stored values' type
+        d["_dtype"] = dtype if d["_dt"] >= 0 else None  # None fails forward's fast check: _check explains
         d["_cpu"] = w is not None and w.device.type == "cpu"
 
     def __setattr__(self, name, value):
@@ -247,15 +324,27 @@ class SparseLinear(nn.Module):
             self._refresh()
 
     def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
+        # int8 layers: the float32 scales follow a move but not a cast (.to(dtype), .half() would change their bits);
+        # the cast sets the activations' dtype instead (probed on an empty tensor)
+        scale = self._buffers.pop("scale", None)
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            if scale is not None:
+                probe = fn(torch.empty(0, dtype=self._model_dtype, device=scale.device))
+                self._buffers["scale"] = scale.to(device=probe.device)
+                self._model_dtype = probe.dtype
         self._refresh()
         return result
 
-    def _set_packed(self, mask: torch.Tensor, rowptr: torch.Tensor, values: torch.Tensor) -> None:
+    def _set_packed(self, mask: torch.Tensor, rowptr: torch.Tensor, values: torch.Tensor,
+                    scale: torch.Tensor | None = None) -> None:
         # not persistent: state_dict() holds the dense `weight` instead (see _save_to_state_dict)
         self.register_buffer("mask", mask, persistent=False)
         self.register_buffer("rowptr", rowptr, persistent=False)
         self.register_buffer("values", values, persistent=False)
+        if scale is not None:
+            self.register_buffer("scale", scale.to(torch.float32).reshape(-1).contiguous(), persistent=False)
         self.nnz = int(rowptr[-1])
         if "_dt" in self.__dict__:
             self._refresh()
@@ -296,7 +385,8 @@ class SparseLinear(nn.Module):
                 with torch.no_grad():
                     self.weight.copy_(value)
             else:
-                self._set_packed(*pack_bitmask(value.to(device="cpu", dtype=self.dtype)))
+                value = value.to(device="cpu", dtype=self.dtype)
+                self._set_packed(*(pack_int8(value) if self.quantize else pack_bitmask(value)))
         if strict:
             for key in state_dict:
                 if key.startswith(prefix) and key[len(prefix):] not in ("weight", "bias") and \
@@ -304,21 +394,53 @@ class SparseLinear(nn.Module):
                     unexpected_keys.append(key)
 
     @classmethod
-    def from_module(cls, module: nn.Module, format: str = "bitmask") -> SparseLinear:
-        """From an nn.Linear or a transformers Conv1D (whose weight is stored [in, out])."""
+    def from_module(cls, module: nn.Module, format: str = "bitmask", quantize: str | None = None) -> SparseLinear:
+        """From an nn.Linear or a transformers Conv1D (whose weight is stored [in, out]); `quantize="int8"`: int8
+        values with per-output-row scales."""
         conv1d = _conv1d_type()
         if isinstance(module, nn.Linear):
-            layer = cls(module.weight, module.bias, format)
+            layer = cls(module.weight, module.bias, format, quantize)
         elif conv1d is not None and isinstance(module, conv1d):
-            layer = cls(module.weight.t(), module.bias, format)
+            layer = cls(module.weight.t(), module.bias, format, quantize)
             layer.source = "conv1d"
         else:
             raise KernelError(f"SparseLinear replaces nn.Linear or Conv1D layers, not {type(module).__name__}")
         return layer
 
+    @classmethod
+    def from_compressed(cls, shape: tuple[int, int], bitmask: torch.Tensor, values: torch.Tensor,
+                        row_offsets: torch.Tensor | None = None, *, scale: torch.Tensor | None = None,
+                        bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> SparseLinear:
+        """A bitmask layer [out, in] = `shape` straight from compressed-tensors sparse-bitmask parts (see
+        pack_compressed): int8 `values` with float32 row scales `scale` ([N] or [N, 1]), or values in the layer's
+        float dtype. Values and scales are kept bit for bit. `dtype`: the activations' (default: the values', float32
+        for int8)."""
+        require()
+        int8 = values.dtype == torch.int8
+        dtype = dtype or (torch.float32 if int8 else values.dtype)
+        if int8 != (scale is not None) or (scale is not None and (scale.dtype != torch.float32 or
+                                                                  scale.numel() != int(shape[0]))):
+            raise KernelError(f"compressed values {values.dtype} need {'a' if int8 else 'no'} float32 scale per row "
+                              f"(got {None if scale is None else (scale.dtype, tuple(scale.shape))})")
+        if dtype not in DTYPES or (not int8 and dtype != values.dtype):
+            raise KernelError(f"a SparseLinear from {values.dtype} values cannot run in {dtype}: use "
+                              f"{'float32, bfloat16 or float16' if int8 else values.dtype}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.out_features, layer.in_features = (int(v) for v in shape)
+        layer.format, layer.source = "bitmask", "linear"
+        layer.quantize = "int8" if int8 else None
+        layer._model_dtype = dtype if int8 else None
+        layer._set_packed(*pack_compressed(shape, bitmask, values, row_offsets),
+                          scale.detach().cpu().clone() if int8 else None)
+        layer._set_bias(bias, dtype)
+        layer._refresh()
+        return layer
+
     @property
     def dtype(self) -> torch.dtype:
-        return self._w_t.dtype
+        """The activations' (and outputs') dtype: the weight's, or the model's for int8 values."""
+        return self._model_dtype if self.quantize else self._w_t.dtype
 
     @property
     def device(self) -> torch.device:
@@ -334,13 +456,20 @@ class SparseLinear(nn.Module):
         """Bytes the kernel reads per pass over the weight (mask + values + row offsets, or the dense weight)."""
         if self.format == "dense":
             return self.weight.numel() * self.weight.element_size()
-        return (self.mask.numel() * 8 + self.rowptr.numel() * 8 + self.nnz * self.values.element_size())
+        scales = self.scale.numel() * 4 if self.quantize else 0
+        return self.mask.numel() * 8 + self.rowptr.numel() * 8 + self.nnz * self.values.element_size() + scales
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight as a dense [out_features, in_features] tensor (a copy for the bitmask format)."""
+        """The weight as a dense [out_features, in_features] tensor (a copy for the bitmask format; int8 values
+        dequantized, q * scale in the model's dtype)."""
         if self.format == "dense":
             return self.weight.detach()
-        return unpack_bitmask(self.mask, self.rowptr, self.values, self.in_features)
+        weight = unpack_bitmask(self.mask, self.rowptr, self.values, self.in_features)
+        if self.quantize:
+            from ..quantize import dequantize_int8
+
+            weight = dequantize_int8(weight, self.scale, self.dtype)
+        return weight
 
     def to_module(self) -> nn.Module:
         """The equivalent dense nn.Linear (or Conv1D), reusing this layer's Parameters where it has them."""
@@ -387,7 +516,7 @@ class SparseLinear(nn.Module):
         if self._mask_t is not None:
             _ext.matmul(self._dt, 1, _path_value, torch.get_num_threads(), n, k, m, self._mask_t.shape[1],
                         x.data_ptr(), k, self._mask_t.data_ptr(), self._rowptr_t.data_ptr(), w.data_ptr(), 0, bias,
-                        y.data_ptr(), n)
+                        y.data_ptr(), n, self._wt, self._scale_t.data_ptr() if self._scale_t is not None else 0)
         else:
             _ext.matmul(self._dt, 0, _path_value, torch.get_num_threads(), n, k, m, (k + 63) // 64, x.data_ptr(),
                         k, 0, 0, w.data_ptr(), w.stride(0), bias, y.data_ptr(), n)
@@ -406,5 +535,6 @@ class SparseLinear(nn.Module):
         return self._run(x)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+        values = f"values={self.quantize} (per-row scales), " if self.quantize else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, {values}"
                 f"dtype={self.dtype}, sparsity={self.sparsity:.2%}, bias={self.bias is not None}")
