@@ -144,6 +144,8 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, kernels: bool
     `kernels`: run the linear layers on sparsecraft's CPU sparse kernels (`sparsecraft.kernels.SparseLinear`;
     sparse layers packed as bitmask + values). None (default): yes for compressed-tensors directories when the
     kernels are built (with a warning when they are not), no otherwise. The model's state_dict is unchanged.
+    A directory exported with int8 values (`export(..., dtype="int8")`) runs its int8 layers from the stored int8
+    values and scales on the kernels; without kernels it is the dequantized dense model.
     """
     model, tokenizer = load_model(path, dtype=dtype)
     model.sparsecraft = read_metadata(path) if Path(path).is_dir() else {}
@@ -155,22 +157,26 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, kernels: bool
 def _kernels_hook(model: nn.Module, path: str | Path, kernels: bool | None) -> None:
     """After loading: swap linear layers for SparseLinear when asked (or by default for compressed directories)."""
     from . import kernels as sk
+    from .compressed import is_compressed_dir, value_dtype
 
+    compressed = Path(path).is_dir() and is_compressed_dir(path)
+    if compressed and value_dtype(path) and (kernels or (kernels is None and sk.available())):
+        sk.sparsify_compressed(model, path)  # int8 layers straight from the stored values and scales
     if kernels:
         sk.sparsify_model(model)
-    elif kernels is None and Path(path).is_dir():
-        from .compressed import is_compressed_dir
-
-        if is_compressed_dir(path):
-            sk.sparsify_if_available(model)
+    elif kernels is None and compressed:
+        sk.sparsify_if_available(model)
 
 
-def export(src: str | Path, out: str | Path, format: str = "bitmask", *, force: bool = False):
+def export(src: str | Path, out: str | Path, format: str = "bitmask", *, force: bool = False,
+           dtype: str | None = None):
     """Write the model directory `src` to `out` in a compressed-tensors sparse format: 'bitmask' (sparse-bitmask,
-    any sparsity) or '2:4' (sparse-24-bitmask). `load` reads it back bit for bit. Returns an ExportReport."""
+    any sparsity) or '2:4' (sparse-24-bitmask). `load` reads it back bit for bit. `dtype="int8"` (bitmask only)
+    stores int8 values with a float32 scale per output row (sparsecraft.quantize); a float dtype casts the model
+    first. Returns an ExportReport."""
     from .compressed import export as _export
 
-    return _export(src, out, format, force=force)
+    return _export(src, out, format, force=force, dtype=dtype)
 
 
 __all__ = ["METADATA_FILE", "calibration_ids", "evaluate", "export", "load", "make_recipe", "peak_rss_mb", "prune",

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("src", help="sparsecraft output or HF model directory")
     x.add_argument("--format", default="bitmask", help="bitmask (sparse-bitmask, any sparsity; default) or 2:4 "
                                                        "(sparse-24-bitmask, every pruned layer must be 2:4)")
+    x.add_argument("--dtype", default=None, help="int8: store the compressed layers' values as int8 with a float32 "
+                                                 "scale per output row (bitmask only); or load the model in "
+                                                 "float32, bfloat16 or float16 first (default: as saved)")
     x.add_argument("--out", required=True, help="output directory (written atomically)")
     x.add_argument("--force", action="store_true", help="replace --out if it exists")
     x.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -210,9 +213,10 @@ def cmd_export(args) -> int:
     from .compressed import export
 
     t0 = time.perf_counter()
-    r = export(args.src, args.out, args.format, force=args.force)
+    r = export(args.src, args.out, args.format, force=args.force, dtype=args.dtype)
     ratio = r.stored_bytes / r.dense_bytes if r.dense_bytes else 0.0
-    print(f"{r.format}: {len(r.layers)} layers compressed, {len(r.dense_layers)} kept dense; tensors "
+    values = f" ({r.value_dtype} values)" if r.value_dtype else ""
+    print(f"{r.format}{values}: {len(r.layers)} layers compressed, {len(r.dense_layers)} kept dense; tensors "
           f"{r.dense_bytes / 2**20:.2f} MiB dense -> {r.stored_bytes / 2**20:.2f} MiB ({ratio:.1%}) in "
           f"{time.perf_counter() - t0:.1f}s; saved to {r.path} (sparsecraft.load / sparsecraft eval read it)")
     return 0

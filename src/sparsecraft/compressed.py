@@ -20,6 +20,14 @@ and ``ModelCompressor``); the package is not needed at run time. compressed-tens
 
 Zeros are stored implicitly and come back as +0.0 (a -0.0 left by masking reads back as +0.0); every other weight
 comes back with the same bits.
+
+int8 values (``export(..., dtype="int8")``, sparse-bitmask only, sparsecraft's own extension): ``<name>.compressed``
+holds int8 values (sparsecraft.quantize: symmetric, q = round(w / s)) for every weight the bitmask marks (the pruning
+mask: a kept weight that rounds to 0 is a stored 0), plus ``<name>.weight_scale`` float32 [rows, 1], one scale per
+output row (compressed-tensors' channel-wise layout); the weight is q * s. ``sparsity_config`` says so with
+``"value_dtype": "int8"`` and ``"scale_strategy": "channel"`` (readers that do not know these keys would take the
+int8 values for weights). `load_compressed` dequantizes to the model's dtype; ``sparsecraft.load`` with kernels runs
+the stored int8 values and scales directly (`SparseLinear.from_compressed`).
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ SPARSE_24_BITMASK = "sparse-24-bitmask"
 DENSE = "dense"
 FORMATS = {"bitmask": SPARSE_BITMASK, "2:4": SPARSE_24_BITMASK}  # CLI name -> compressed-tensors format
 PARAM_NAMES = {
-    SPARSE_BITMASK: ("shape", "compressed", "bitmask", "row_offsets"),
+    SPARSE_BITMASK: ("shape", "compressed", "bitmask", "row_offsets", "weight_scale"),
     SPARSE_24_BITMASK: ("shape", "compressed", "bitmask"),
 }
 QUANT_METHOD = "compressed-tensors"
@@ -51,6 +59,7 @@ CONFIG_KEYS = ("quantization_config", "compression_config")  # compression_confi
 # Written as the config's "version": the compressed-tensors release whose layout this module reproduces.
 FORMAT_VERSION = "0.13.0"
 EXPORT_KEY = "compressed"  # section of sparsecraft.json describing the export
+VALUE_DTYPES = ("int8",)  # stored value types besides the model's own (sparsity_config "value_dtype")
 
 
 # ----- one tensor ------------------------------------------------------------------------------------------------
@@ -85,6 +94,18 @@ def compress_bitmask(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def compress_bitmask_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """sparse-bitmask tensors of a 2-D weight with int8 values and `weight_scale` float32 [rows, 1]
+    (sparsecraft.quantize.quantize_int8); the bitmask marks the weight's non-zeros, rounded-to-0 ones included."""
+    from .quantize import quantize_int8
+
+    parts = compress_bitmask(weight)
+    q, scale = quantize_int8(weight.detach().cpu())
+    parts["compressed"] = torch.masked_select(q, weight.detach().cpu() != 0)
+    parts["weight_scale"] = scale.reshape(-1, 1)
+    return parts
+
+
 def nm_violation(weight: torch.Tensor, n: int = 2, m: int = 4) -> str | None:
     """Why `weight` (as stored) is not n:m along its last dimension, or None when it is."""
     return patterns.nm_violation(weight, Pattern(n, m))
@@ -111,8 +132,10 @@ def compress_24(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def decompress(tensors: dict[str, torch.Tensor], name: str = "a layer") -> torch.Tensor:
-    """The dense weight from one layer's compressed tensors (either format)."""
+def decompress(tensors: dict[str, torch.Tensor], name: str = "a layer", dtype: torch.dtype | None = None
+               ) -> torch.Tensor:
+    """The dense weight from one layer's compressed tensors (either format); int8 values with `weight_scale` are
+    dequantized (q * scale) to `dtype` (default float32)."""
     missing = [k for k in ("shape", "compressed", "bitmask") if k not in tensors]
     if missing:
         raise ModelError(f"{name} lacks {', '.join(missing)} in the checkpoint: it is corrupt, re-export it")
@@ -124,7 +147,18 @@ def decompress(tensors: dict[str, torch.Tensor], name: str = "a layer") -> torch
     if int(mask.sum()) != values.numel():
         raise ModelError(f"{name}: the bitmask marks {int(mask.sum())} weights but {values.numel()} values are "
                          "stored: the checkpoint is corrupt, re-export it")
-    return torch.zeros(shape, dtype=values.dtype).masked_scatter_(mask, values)
+    dense = torch.zeros(shape, dtype=values.dtype).masked_scatter_(mask, values)
+    scale = tensors.get("weight_scale")
+    if values.dtype == torch.int8 or scale is not None:
+        from .quantize import dequantize_int8
+
+        if values.dtype != torch.int8 or scale is None or scale.dtype != torch.float32 or \
+                scale.numel() != shape[0]:
+            got = "none" if scale is None else f"{scale.dtype} {tuple(scale.shape)}"
+            raise ModelError(f"{name}: int8 values need a float32 weight_scale with one scale per row; got values "
+                             f"{values.dtype}, weight_scale {got}: the checkpoint is corrupt, re-export it")
+        dense = dequantize_int8(dense, scale, dtype or torch.float32)
+    return dense
 
 
 def _check_2d(weight: torch.Tensor) -> None:
@@ -136,14 +170,15 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def compressed_nbytes(weight: torch.Tensor, fmt: str) -> int:
-    """Bytes the compressed tensors of `weight` take in `fmt` (without safetensors headers)."""
+def compressed_nbytes(weight: torch.Tensor, fmt: str, values: str | None = None) -> int:
+    """Bytes the compressed tensors of `weight` take in `fmt` (without safetensors headers; `values="int8"`: int8
+    values and a float32 scale per row)."""
     rows, cols = weight.shape
-    size = weight.element_size()
+    size = 1 if values else weight.element_size()
     bitmask = rows * ((cols + 7) // 8)
     if fmt == SPARSE_24_BITMASK:
         return 2 * 8 + rows * (cols // 2) * size + bitmask
-    return 2 * 8 + int(torch.count_nonzero(weight)) * size + bitmask + rows * 8
+    return 2 * 8 + int(torch.count_nonzero(weight)) * size + bitmask + rows * 8 + (rows * 4 if values else 0)
 
 
 # ----- a checkpoint directory --------------------------------------------------------------------------------------
@@ -190,7 +225,17 @@ def _check_readable(path: Path) -> str:
     if fmt not in (DENSE, SPARSE_BITMASK, SPARSE_24_BITMASK):
         raise ModelError(f"{path} uses the compressed-tensors format {fmt!r}; sparsecraft reads {DENSE}, "
                          f"{SPARSE_BITMASK} and {SPARSE_24_BITMASK}")
+    values = value_dtype(path)
+    if values is not None and values not in VALUE_DTYPES:
+        raise ModelError(f"{path} stores {values!r} values; this sparsecraft reads the model's dtype and "
+                         f"{', '.join(VALUE_DTYPES)}")
     return fmt
+
+
+def value_dtype(path: str | Path) -> str | None:
+    """The stored value type of a compressed directory's layers when it is not the model's dtype ('int8'), else
+    None."""
+    return (sparsity_config(path) or {}).get("value_dtype")
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -231,13 +276,16 @@ class CompressedLayer:
     values: torch.Tensor
     bitmask: torch.Tensor
     row_offsets: torch.Tensor | None = None
+    scale: torch.Tensor | None = None  # int8 values: float32 [rows, 1]
 
     def mask(self) -> torch.Tensor:
         return unpack_bitmask(self.bitmask, self.shape)
 
-    def dense(self) -> torch.Tensor:
-        return decompress({"shape": torch.tensor(self.shape), "compressed": self.values, "bitmask": self.bitmask},
-                          self.name)
+    def dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        parts = {"shape": torch.tensor(self.shape), "compressed": self.values, "bitmask": self.bitmask}
+        if self.scale is not None:
+            parts["weight_scale"] = self.scale
+        return decompress(parts, self.name, dtype)
 
 
 def _split(tensors: dict[str, torch.Tensor], fmt: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
@@ -259,17 +307,26 @@ def read_compressed_layers(path: str | Path) -> dict[str, CompressedLayer]:
     for name, parts in sorted(grouped.items()):
         dense = decompress(parts, name)  # validates the parts
         out[name] = CompressedLayer(name, fmt, tuple(dense.shape), parts["compressed"], parts["bitmask"],
-                                    parts.get("row_offsets"))
+                                    parts.get("row_offsets"), parts.get("weight_scale"))
     return out
 
 
-def decompressed_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, with each compressed layer back as a dense `<name>.weight`."""
+def _model_dtype(path: Path) -> torch.dtype:
+    """The dtype config.json records for the model (what int8 layers dequantize to), float32 when none."""
+    config = _config_json(path)
+    value = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
+def decompressed_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, with each compressed layer back as a dense `<name>.weight` (int8 layers
+    dequantized to `dtype`, default the model's dtype in config.json)."""
     path = Path(path)
     fmt = _check_readable(path)
     grouped, state = _split(_read_tensors(path), fmt)
+    dtype = dtype or _model_dtype(path)
     for name, parts in grouped.items():
-        state[f"{name}.weight"] = decompress(parts, name)
+        state[f"{name}.weight"] = decompress(parts, name, dtype)
     return state
 
 
@@ -278,7 +335,7 @@ def load_compressed(path: str | Path, dtype: torch.dtype | None = None):
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer
 
     path = Path(path)
-    state = decompressed_state_dict(path)
+    state = decompressed_state_dict(path, dtype)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -323,12 +380,13 @@ class ExportReport:
     stored_bytes: int = 0  # the tensors as written (payload)
     file_bytes: int = 0  # the .safetensors files on disk (with headers)
     global_sparsity: float = 0.0
+    value_dtype: str | None = None  # 'int8': the compressed layers' values (else the model's dtype)
 
     def to_dict(self) -> dict:
         return {"format": self.format, "sparsity_structure": self.sparsity_structure, "pattern": self.pattern,
                 "layers": self.layers, "dense_layers": self.dense_layers, "dense_bytes": self.dense_bytes,
                 "stored_bytes": self.stored_bytes, "file_bytes": self.file_bytes,
-                "global_sparsity": self.global_sparsity}
+                "global_sparsity": self.global_sparsity, "value_dtype": self.value_dtype}
 
 
 def parse_format(fmt: str) -> str:
@@ -337,6 +395,26 @@ def parse_format(fmt: str) -> str:
     if value not in (SPARSE_BITMASK, SPARSE_24_BITMASK):
         raise ConfigError(f"unknown compressed format {fmt!r}: use bitmask (any sparsity) or 2:4")
     return value
+
+
+def parse_dtype(dtype: str | None, fmt: str) -> tuple[str | None, str | None]:
+    """`export --dtype` -> (stored value type 'int8' or None, the dtype to load the model in or None)."""
+    if dtype is None:
+        return None, None
+    name = str(dtype).strip().lower()
+    if name in VALUE_DTYPES:
+        if fmt != SPARSE_BITMASK:
+            raise ConfigError(f"--dtype {name} stores the values of the sparse-bitmask format: use --format bitmask "
+                              f"(not {fmt})")
+        return name, None
+    from .models import _parse_dtype
+
+    try:
+        _parse_dtype(name)
+    except ConfigError:
+        raise ConfigError(f"unknown --dtype {dtype!r}: use int8 (int8 values, a float32 scale per row) or a float "
+                          "dtype (float32, bfloat16, float16)") from None
+    return None, name
 
 
 def _recipe_of(metadata: dict) -> dict:
@@ -365,15 +443,19 @@ def _global_sparsity(model: nn.Module) -> float:
     return (total - nonzero) / total if total else 0.0
 
 
-def export(src: str | Path, out: str | Path, fmt: str = "bitmask", *, force: bool = False) -> ExportReport:
+def export(src: str | Path, out: str | Path, fmt: str = "bitmask", *, force: bool = False,
+           dtype: str | None = None) -> ExportReport:
     """Write the model in directory `src` (a sparsecraft output or any HF model directory) to `out` in a
     compressed-tensors sparse format (`fmt`: 'bitmask' or '2:4'), atomically, carrying over sparsecraft.json and
     recipe.yaml. The layers compressed are the prunable targets of the recipe in sparsecraft.json (else the
-    layers inside the transformer blocks); with '2:4' every one of them must be 2:4 sparse."""
+    layers inside the transformer blocks); with '2:4' every one of them must be 2:4 sparse. `dtype`: 'int8' stores
+    the compressed layers' values as int8 with a float32 scale per row (bitmask only); a float dtype casts the
+    model first."""
     from .checkpoint import RECIPE_FILE, check_output, read_metadata
     from .models import load_model
 
     fmt = parse_format(fmt)
+    values, load_dtype = parse_dtype(dtype, fmt)
     src_path = Path(src).expanduser()
     if not src_path.exists():
         raise ModelError(f"source model {src_path} does not exist: pass a sparsecraft output or HF model directory")
@@ -384,24 +466,29 @@ def export(src: str | Path, out: str | Path, fmt: str = "bitmask", *, force: boo
         raise OutputError(f"--out {out_path} is the source directory: write the compressed model elsewhere")
     metadata = read_metadata(src_path)
     metadata.pop(EXPORT_KEY, None)
-    model, tokenizer = load_model(src_path)
+    model, tokenizer = load_model(src_path, dtype=load_dtype)
     recipe_file = src_path / RECIPE_FILE
     files = {RECIPE_FILE: recipe_file.read_text()} if recipe_file.is_file() else {}
     return write_compressed(model, out_path, fmt, tokenizer=tokenizer, metadata=metadata, files=files, force=force,
-                            source=str(src_path))
+                            source=str(src_path), values=values)
 
 
 def write_compressed(model: nn.Module, out: str | Path, fmt: str = "bitmask", *, tokenizer=None,
                      metadata: dict | None = None, files: dict[str, str] | None = None, force: bool = False,
-                     source: str | None = None) -> ExportReport:
+                     source: str | None = None, values: str | None = None) -> ExportReport:
     """Save an in-memory `model` to `out` in a compressed-tensors sparse format, atomically, with `metadata` as
     sparsecraft.json (plus a "compressed" section) and extra text `files`. Layers compressed: the prunable targets
     of `metadata["recipe"]` (else the layers inside the transformer blocks) that are 2:4 sparse ('2:4'; any other
-    target is an error) or sparse enough to be smaller compressed ('bitmask'; the rest stay dense)."""
+    target is an error) or sparse enough to be smaller compressed ('bitmask'; the rest stay dense). `values="int8"`
+    (bitmask only, nn.Linear targets): int8 values with a float32 scale per output row."""
     from .checkpoint import METADATA_FILE, atomic_directory, check_output
     from .models import PRUNABLE_TYPES, select_targets
 
     fmt = parse_format(fmt)
+    values, cast = parse_dtype(values, fmt)
+    if cast:
+        raise ConfigError(f"values={cast!r}: write_compressed stores int8 values or the model's own (cast the model "
+                          "with .to(dtype) first)")
     out_path = check_output(out, force)
     metadata = dict(metadata or {})
     recipe = _recipe_of(metadata)
@@ -416,6 +503,10 @@ def write_compressed(model: nn.Module, out: str | Path, fmt: str = "bitmask", *,
         if weight.ndim != 2 or weight.is_meta:
             kept_dense.append(target.name)
             continue
+        if values and conv1d and isinstance(target.module, conv1d):
+            raise ConfigError(f"--dtype {values} scales each output row of an nn.Linear weight, but {target.name} is "
+                              "a Conv1D (its weight is stored transposed): export this model without --dtype "
+                              f"{values}")
         if fmt == SPARSE_24_BITMASK:
             why = nm_violation(weight)
             if why is not None:
@@ -425,7 +516,7 @@ def write_compressed(model: nn.Module, out: str | Path, fmt: str = "bitmask", *,
                                   f"weights, but {target.name} {why}{hint}: prune with --pattern 2:4, or export with "
                                   "--format bitmask")
             chosen.append(target.name)
-        elif compressed_nbytes(weight, fmt) < _nbytes(weight):
+        elif compressed_nbytes(weight, fmt, values) < _nbytes(weight):
             chosen.append(target.name)
         else:
             kept_dense.append(target.name)
@@ -434,7 +525,8 @@ def write_compressed(model: nn.Module, out: str | Path, fmt: str = "bitmask", *,
         nm_violation(model.get_submodule(n).weight) is None for n in chosen))
     structure = "2:4" if all_24 else "unstructured"
     global_sparsity = _global_sparsity(model)
-    report = ExportReport(out_path, fmt, structure, pattern, list(chosen), kept_dense, global_sparsity=global_sparsity)
+    report = ExportReport(out_path, fmt, structure, pattern, list(chosen), kept_dense, global_sparsity=global_sparsity,
+                          value_dtype=values)
 
     model_keys = set(model.state_dict())
     experts_24: list[bool] = []
@@ -447,7 +539,7 @@ def write_compressed(model: nn.Module, out: str | Path, fmt: str = "bitmask", *,
                 or not value.is_floating_point():
             return False
         is_24 = nm_violation(value) is None
-        if (fmt == SPARSE_24_BITMASK and not is_24) or compressed_nbytes(value, fmt) >= _nbytes(value):
+        if (fmt == SPARSE_24_BITMASK and not is_24) or compressed_nbytes(value, fmt, values) >= _nbytes(value):
             report.dense_layers.append(key[: -len(".weight")])
             return False
         experts_24.append(is_24)
@@ -455,7 +547,7 @@ def write_compressed(model: nn.Module, out: str | Path, fmt: str = "bitmask", *,
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
-        _compress_files(tmp, {f"{n}.weight": n for n in chosen}, fmt, report, extra=expert_tensor)
+        _compress_files(tmp, {f"{n}.weight": n for n in chosen}, fmt, report, extra=expert_tensor, values=values)
         targets_cfg, ignore_cfg = _targets_and_ignore(model, report.layers)
         report.sparsity_structure = "2:4" if all_24 and all(experts_24) else "unstructured"
         config = _config_json(tmp)
@@ -468,6 +560,7 @@ def write_compressed(model: nn.Module, out: str | Path, fmt: str = "bitmask", *,
                 "registry_requires_subclass": False,
                 "sparsity_structure": report.sparsity_structure,
                 "targets": targets_cfg,
+                **({"value_dtype": values, "scale_strategy": "channel"} if values else {}),
             },
             "transform_config": {},
             "version": FORMAT_VERSION,
@@ -486,14 +579,14 @@ def write_compressed(model: nn.Module, out: str | Path, fmt: str = "bitmask", *,
 
 
 def _compress_files(directory: Path, weight_keys: dict[str, str], fmt: str, report: ExportReport,
-                    extra: Callable[[str, torch.Tensor], bool] | None = None) -> None:
+                    extra: Callable[[str, torch.Tensor], bool] | None = None, values: str | None = None) -> None:
     """Rewrite every safetensors shard in `directory`, replacing `<name>.weight` tensors (`weight_keys`, and those
-    `extra(key, tensor)` picks) by their compressed form, and fix the shard index. Shards are rewritten one at a
-    time."""
+    `extra(key, tensor)` picks) by their compressed form (int8 values when `values` says so), and fix the shard
+    index. Shards are rewritten one at a time."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    compress = compress_24 if fmt == SPARSE_24_BITMASK else compress_bitmask
+    compress = compress_24 if fmt == SPARSE_24_BITMASK else compress_bitmask_int8 if values else compress_bitmask
     index_file = directory / "model.safetensors.index.json"
     files = _safetensors_files(directory)
     weight_map: dict[str, str] = {}
