@@ -269,3 +269,29 @@ def test_perplexity_windows_are_evaluates(tiny, ggufs, eval_ids):
 def test_missing_gguf_file(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         llamacpp.perplexity(tmp_path / "no.gguf", list(range(300)), SEQLEN, threads=1)
+
+
+@needs_llama
+@pytest.mark.real_model
+def test_default_model_f16(tmp_path, converter):
+    """SmolLM2-135M in bf16, converted to F16 (bf16 values are exact in f16 here): llama.cpp's greedy tokens are
+    HF's on the same weights (computed in float32) and its held-out perplexity is evaluate's to ~1e-4 (bf16 GGUF
+    files drift more: llama.cpp rounds the activations to bf16 too)."""
+    import sparsecraft
+    from sparsecraft.data import tokenize
+
+    try:
+        model, tokenizer = sparsecraft.load_model("default", dtype=torch.bfloat16)
+    except ModelError as exc:
+        pytest.skip(str(exc))
+    model.save_pretrained(tmp_path / "smol")
+    tokenizer.save_pretrained(tmp_path / "smol")
+    gguf = llamacpp.convert(tmp_path / "smol", "f16", tmp_path / "smol-f16.gguf", converter=converter)
+    model = model.float()
+    prompt, expected = hf_greedy(model, tokenizer)
+    assert prompt[0] != tokenizer.bos_token_id  # SmolLM2's tokenizer adds no BOS; llama.cpp gets the same ids
+    assert llamacpp.decode_speed(gguf, prompt, NEW_TOKENS, threads=2)["tokens"] == expected
+    ids = tokenize(tokenizer, sparsecraft.load_text("builtin").evaluation)
+    ours = sparsecraft.evaluate(model, ids, seqlen=256, max_windows=2, progress=False)["perplexity"]
+    theirs = llamacpp.perplexity(gguf, ids, 256, threads=2, max_windows=2)
+    assert abs(theirs / ours - 1) < 1e-3, (ours, theirs)
