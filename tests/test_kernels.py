@@ -22,7 +22,8 @@ from sparsecraft.kernels import linear as sklinear
 
 pytestmark = pytest.mark.skipif(not sk.available(), reason="sparsecraft's C kernels are not built here")
 
-PATHS = ["scalar"] + [p for p in ("avx2", "avx512") if sk.available() and sk.info()[p]]
+PATHS = ["scalar"] + [p for p in ("avx2", "avx512") if sk.available() and sk.info()[p]] + \
+    (["avx512f"] if sk.available() and sk.info()["avx512_vbmi2"] else [])  # avx512 runs the VBMI2 kernels there
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (out, in): odd sizes, in not a multiple of 8/16/64, a single row/column, exactly one and two mask words
 SHAPES = [(1, 1), (7, 5), (2, 64), (33, 65), (64, 128), (19, 300)]

@@ -44,3 +44,32 @@ SC_AVX512 static inline __m512 expand16_i8(const int8_t *p, unsigned k) { /* 16 
 #define SFX i8
 #define WT int8_t
 #include "_avx512_template.h"
+
+#ifdef SC_AVX512W
+/* With AVX512_VBMI2 (SC_AVX512W: Ice Lake, Sapphire Rapids, Zen 4 and later), 16-bit values are placed 32 at a time
+ * by vpexpandw after one 64-byte load (the packed buffer has 32 values of padding) and widened to fp32 in two
+ * halves. Not built into tests/native (the emulation covers AVX-512F only); tests/test_kernels.py runs them on
+ * such CPUs against the same float64 reference. */
+SC_AVX512W static inline __m512i expand32_bf16(const uint16_t *p, unsigned k) {
+    return _mm512_maskz_expand_epi16((__mmask32)k, _mm512_loadu_si512((const void *)p));
+}
+SC_AVX512W static inline __m512 widen_bf16(__m512i e, int h) { /* 16 values of half h as fp32 */
+    __m256i half = h ? _mm512_extracti64x4_epi64(e, 1) : _mm512_castsi512_si256(e);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+#define expand32_f16 expand32_bf16 /* the same 16-bit placement */
+SC_AVX512W static inline __m512 widen_f16(__m512i e, int h) {
+    return _mm512_cvtph_ps(h ? _mm512_extracti64x4_epi64(e, 1) : _mm512_castsi512_si256(e));
+}
+
+#define WIDE16 1
+#define SFX bf16
+#define WT uint16_t
+#include "_avx512_template.h"
+#define WIDE16 1
+#define SFX f16
+#define WT uint16_t
+#include "_avx512_template.h"
+#undef expand32_f16
+#endif
+

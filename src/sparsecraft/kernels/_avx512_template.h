@@ -5,14 +5,26 @@
  *                             of padding)
  *         load16_SFX(p)       __m512: 16 consecutive stored values at p converted to fp32
  *   WT    stored element type (float, uint16_t or int8_t)
+ * and optionally WIDE16 (16-bit value types on CPUs with AVX512_VBMI2): the bitmask kernels then place 32 values
+ * with one vpexpandw (EXPAND32 / WIDEN helpers, named from SFX too) instead of 16 with vexpandps; the functions
+ * are named ..._avx512w_SFX and compiled for SC_AVX512W.
  * Every function here is compiled for avx512f and only called after a runtime CPU check; the per-thread driver
  * FN(run) comes from _run_template.h. One expand instruction places 16 values (the AVX2 path needs a table lookup,
- * a shuffle and a popcount per 8), so each 64-bit mask word takes 4 steps. SFX and WT are undefined at the end. */
+ * a shuffle and a popcount per 8), so each 64-bit mask word takes 4 steps (2 with WIDE16). Decode (one x row) runs
+ * one weight row at a time (GEMV_ROW). SFX, WT and WIDE16 are undefined at the end. */
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
+#ifdef WIDE16
+#define FN(name) CAT(CAT(name, avx512w), SFX)
+#define ISA_ATTR SC_AVX512W
+#define EXPAND32(p, k) CAT(expand32, SFX)(p, k)
+#define WIDEN(e, h) CAT(widen, SFX)(e, h)
+#else
 #define FN(name) CAT(CAT(name, avx512), SFX)
 #define ISA_ATTR SC_AVX512
+#endif
+#define GEMV_ROW 1
 #define VEC __m512
 #define VHSUM(v) hsum512(v)
 #define LANES 16
@@ -26,41 +38,67 @@
 /* The 16-bit piece J (0..3) of mask word u. */
 #define PIECE(u, J) ((unsigned)((u) >> (16 * (J))) & 0xffffu)
 
-/* ---- bitmask, one x row (decode GEMV): two weight rows at a time, two accumulators each ---- */
-SC_AVX512 SC_NOINLINE static void FN(bm_gemv_pair)(const float *x, const uint64_t *m0, const uint64_t *m1,
-                                                   const WT *v0, const WT *v1, int64_t words, float *o0, float *o1) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+/* ---- bitmask, one x row (decode GEMV): one weight row at a time, so each thread reads its values and mask words
+ * as two sequential streams (two rows at a time interleave four, which this CPU family's prefetchers follow worse),
+ * the values also prefetched SC_PF_ROW bytes ahead ---- */
+ISA_ATTR SC_NOINLINE static float FN(bm_gemv_row)(const float *x, const uint64_t *m, const WT *v, int64_t words) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     for (int64_t w = 0; w < words; ++w) {
-        const uint64_t u0 = m0[w], u1 = m1[w];
+        const uint64_t u = m[w];
         const float *xp = x + w * 64;
-        _mm_prefetch((const char *)v0 + SC_PF_VALUES, _MM_HINT_T0);
-        _mm_prefetch((const char *)v1 + SC_PF_VALUES, _MM_HINT_T0);
-        _mm_prefetch((const char *)(m0 + w) + SC_PF_MASK, _MM_HINT_T0);
-        _mm_prefetch((const char *)(m1 + w) + SC_PF_MASK, _MM_HINT_T0);
-#define STEP(J, A, B)                                                          \
+        _mm_prefetch((const char *)v + SC_PF_ROW, _MM_HINT_T0);
+#ifdef WIDE16 /* one vpexpandw places 32 16-bit values: two per mask word */
+        const unsigned k0 = (unsigned)u, k1 = (unsigned)(u >> 32);
+        const __m512i e0 = EXPAND32(v, k0);
+        v += _mm_popcnt_u32(k0);
+        const __m512i e1 = EXPAND32(v, k1);
+        v += _mm_popcnt_u32(k1);
+        a0 = _mm512_fmadd_ps(WIDEN(e0, 0), _mm512_loadu_ps(xp), a0);
+        a1 = _mm512_fmadd_ps(WIDEN(e0, 1), _mm512_loadu_ps(xp + 16), a1);
+        a2 = _mm512_fmadd_ps(WIDEN(e1, 0), _mm512_loadu_ps(xp + 32), a2);
+        a3 = _mm512_fmadd_ps(WIDEN(e1, 1), _mm512_loadu_ps(xp + 48), a3);
+#else
+#define STEP(J, A)                                                             \
     {                                                                          \
-        const unsigned k0 = PIECE(u0, J), k1 = PIECE(u1, J);                   \
-        const __m512 xv = _mm512_loadu_ps(xp + 16 * (J));                      \
-        A = _mm512_fmadd_ps(EXPAND16(v0, k0), xv, A);                          \
-        v0 += _mm_popcnt_u32(k0);                                              \
-        B = _mm512_fmadd_ps(EXPAND16(v1, k1), xv, B);                          \
-        v1 += _mm_popcnt_u32(k1);                                              \
+        const unsigned k = PIECE(u, J);                                        \
+        A = _mm512_fmadd_ps(EXPAND16(v, k), _mm512_loadu_ps(xp + 16 * (J)), A); \
+        v += _mm_popcnt_u32(k);                                                \
     }
-        STEP(0, a0, b0) STEP(1, a1, b1) STEP(2, a0, b0) STEP(3, a1, b1)
+        STEP(0, a0) STEP(1, a1) STEP(2, a2) STEP(3, a3)
 #undef STEP
+#endif
     }
-    *o0 = hsum512(_mm512_add_ps(a0, a1));
-    *o1 = hsum512(_mm512_add_ps(b0, b1));
+    return hsum512(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
 /* ---- bitmask, tile of TM = 6 x rows (stride xs) x 2 weight rows over mask words [wa, wb) ---- */
-SC_AVX512 SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const uint64_t *m0, const uint64_t *m1,
+ISA_ATTR SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const uint64_t *m0, const uint64_t *m1,
                                               const WT **pv0, const WT **pv1, int64_t wa, int64_t wb, __m512 *acc) {
     const WT *v0 = *pv0, *v1 = *pv1;
     ACC_IN
     for (int64_t w = wa; w < wb; ++w) {
         const uint64_t u0 = m0[w], u1 = m1[w];
         const float *xp = x + w * 64;
+#ifdef WIDE16
+#define STEP(H)                                                                \
+    {                                                                          \
+        const unsigned k0 = (unsigned)(u0 >> (32 * (H))), k1 = (unsigned)(u1 >> (32 * (H))); \
+        const __m512i e0 = EXPAND32(v0, k0), e1 = EXPAND32(v1, k1);            \
+        v0 += _mm_popcnt_u32(k0);                                              \
+        v1 += _mm_popcnt_u32(k1);                                              \
+        const float *xb = xp + 32 * (H);                                       \
+        {                                                                      \
+            const __m512 w0 = WIDEN(e0, 0), w1 = WIDEN(e1, 0);                 \
+            FMA6(w0, w1)                                                       \
+        }                                                                      \
+        xb += 16;                                                              \
+        {                                                                      \
+            const __m512 w0 = WIDEN(e0, 1), w1 = WIDEN(e1, 1);                 \
+            FMA6(w0, w1)                                                       \
+        }                                                                      \
+    }
+        STEP(0) STEP(1)
+#else
 #define STEP(J)                                                                \
     {                                                                          \
         const unsigned k0 = PIECE(u0, J), k1 = PIECE(u1, J);                   \
@@ -71,6 +109,7 @@ SC_AVX512 SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const 
         FMA6(w0, w1)                                                           \
     }
         STEP(0) STEP(1) STEP(2) STEP(3)
+#endif
 #undef STEP
     }
     ACC_OUT
@@ -87,3 +126,8 @@ SC_AVX512 SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const 
 #undef EXPAND16
 #undef SFX
 #undef WT
+#ifdef WIDE16
+#undef EXPAND32
+#undef WIDEN
+#undef WIDE16
+#endif

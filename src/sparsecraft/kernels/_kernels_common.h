@@ -10,6 +10,9 @@
 #ifndef SC_PF_VALUES
 #define SC_PF_VALUES 4096
 #endif
+#ifndef SC_PF_ROW /* the one-row GEMV kernels (GEMV_ROW): values only */
+#define SC_PF_ROW 1024
+#endif
 #ifndef SC_PF_MASK
 #define SC_PF_MASK 1024
 #endif
@@ -17,7 +20,7 @@
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_I8 = 3 }; /* DT_I8: stored weight values only (wtype) */
 enum { TM = 6 }; /* x rows per GEMM tile (the x buffer is padded to a multiple of TM rows when M > 1) */
 enum { FMT_DENSE = 0, FMT_BITMASK = 1 };
-enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX512 = 3 };
+enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX512 = 3, PATH_AVX512F = 4 }; /* AVX512F: no VBMI2 kernels */
 
 typedef struct {
     int dtype;              /* activations, bias and outputs: DT_F32, DT_BF16 or DT_F16 */

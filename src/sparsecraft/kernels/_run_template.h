@@ -3,7 +3,8 @@
  *   FN(name)   the name with the ISA and value type suffix; SFX that suffix (f32, bf16, f16, i8); WT the stored type
  *   ISA_ATTR   the function target attribute; VEC the vector type; VHSUM(v) its horizontal sum; LANES its fp32 lanes
  * and the kernels FN(bm_gemv_pair), FN(dn_gemv_pair) (dense over [0, kv), kv = K rounded down to LANES),
- * FN(bm_tile) and FN(dn_tile). Undefines those macros at its end. */
+ * FN(bm_tile) and FN(dn_tile); with GEMV_ROW defined, decode calls the one-row kernels FN(bm_gemv_row) and
+ * FN(dn_gemv_row) instead of the pairs. Undefines those macros at its end. */
 
 /* ---- one thread's share: output rows [r0, r1) for all M x rows ---- */
 ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
@@ -12,6 +13,19 @@ ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
     const int64_t words = j->words, kp = words * 64, kv = j->K & ~(int64_t)(LANES - 1);
     if (j->M == 1) {
         const float *x = j->xf;
+#ifdef GEMV_ROW
+        for (int64_t r = r0; r < r1; ++r) {
+            float o;
+            if (bitmask) {
+                o = FN(bm_gemv_row)(x, j->mask + r * words, vals + j->rowptr[r], words);
+            } else {
+                o = FN(dn_gemv_row)(x, vals + r * j->wstride, kv);
+                for (int64_t k = kv; k < j->K; ++k) o += CAT(to_f32, SFX)(vals[r * j->wstride + k]) * x[k];
+            }
+            store_out(j, 0, r, o);
+        }
+        return;
+#endif
         for (int64_t r = r0; r < r1; r += 2) {
             int64_t s = r + 1 < r1 ? r + 1 : r; /* odd tail: compute the last row twice */
             float o0, o1;
@@ -97,3 +111,4 @@ ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
 #undef LOADV
 #undef CAT
 #undef CAT_
+#undef GEMV_ROW

@@ -37,6 +37,7 @@
 #if SC_HAVE_AVX2 && (defined(__clang__) || __GNUC__ >= 5)
 #define SC_HAVE_AVX512 1
 #define SC_AVX512 __attribute__((target("avx512f,avx2,fma,f16c,popcnt")))
+#define SC_AVX512W __attribute__((target("avx512f,avx512bw,avx512vbmi2,avx2,fma,f16c,popcnt")))
 #else
 #define SC_HAVE_AVX512 0
 #endif
@@ -181,6 +182,12 @@ static int detect_avx512(void) {
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     return (lo & 0xe6u) == 0xe6u; /* xmm, ymm, opmask, zmm 0-15 upper halves and zmm 16-31 enabled by the OS */
 }
+static int cpu_vbmi2 = -1; /* AVX-512F + BW + VBMI2 (vpexpandw) */
+static int detect_vbmi2(void) {
+    unsigned a, b, c, d;
+    if (!cpu_avx512 || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return ((b >> 30) & 1) && ((c >> 6) & 1);
+}
 #endif
 
 static int have_avx2(void) {
@@ -199,16 +206,27 @@ static int have_avx512(void) {
 #endif
 }
 
+static int have_vbmi2(void) {
+#if SC_HAVE_AVX512
+    return cpu_vbmi2;
+#else
+    return 0;
+#endif
+}
+
 /* ------------------------------------------------------------------ driver */
 typedef void (*RunFn)(const Job *, int64_t, int64_t);
 
 /* stored value type (DT_F32, DT_BF16, DT_F16, DT_I8; checked by the caller) and path (PATH_SCALAR, PATH_AVX2,
- * PATH_AVX512; the vector paths only once the CPU check passed) -> the per-thread driver. The kernels are written
+ * PATH_AVX512 (with the VBMI2 kernels for 16-bit values where the CPU has them), PATH_AVX512F (without); the vector
+ * paths only once the CPU check passed) -> the per-thread driver. The kernels are written
  * per value type only: activations arrive as float32 (xf) and store_out writes the output dtype. */
 static RunFn pick(int wtype, int path) {
 #if SC_HAVE_AVX512
     static const RunFn avx512[] = {run_avx512_f32, run_avx512_bf16, run_avx512_f16, run_avx512_i8};
-    if (path == PATH_AVX512) return avx512[wtype];
+    static const RunFn avx512w[] = {run_avx512_f32, run_avx512w_bf16, run_avx512w_f16, run_avx512_i8};
+    if (path == PATH_AVX512) return (have_vbmi2() ? avx512w : avx512)[wtype];
+    if (path == PATH_AVX512F) return avx512[wtype];
 #endif
 #if SC_HAVE_AVX2
     static const RunFn avx2[] = {run_avx2_f32, run_avx2_bf16, run_avx2_f16, run_avx2_i8};
@@ -307,7 +325,8 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     if (path == PATH_AUTO) path = have_avx512() ? PATH_AVX512 : have_avx2() ? PATH_AVX2 : PATH_SCALAR;
-    if ((path == PATH_AVX2 && !have_avx2()) || (path == PATH_AVX512 && !have_avx512())) {
+    if ((path == PATH_AVX2 && !have_avx2()) || ((path == PATH_AVX512 || path == PATH_AVX512F) && !have_avx512()) ||
+        path < PATH_AUTO || path > PATH_AVX512F) {
         PyErr_SetString(PyExc_RuntimeError, "matmul: the requested vector path is missing on this CPU (or build)");
         return NULL;
     }
@@ -421,8 +440,8 @@ static PyObject *py_info(PyObject *self, PyObject *unused) {
 #else
     int omp = 0, maxthreads = 1;
 #endif
-    return Py_BuildValue("{s:i,s:i,s:i,s:i}", "avx2", have_avx2(), "avx512", have_avx512(), "openmp", omp,
-                         "max_threads", maxthreads);
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i}", "avx2", have_avx2(), "avx512", have_avx512(), "avx512_vbmi2",
+                         have_vbmi2(), "openmp", omp, "max_threads", maxthreads);
 }
 
 static PyMethodDef methods[] = {
@@ -444,6 +463,7 @@ PyMODINIT_FUNC PyInit__sparsekernels(void) {
 #endif
 #if SC_HAVE_AVX512
     cpu_avx512 = detect_avx512();
+    cpu_vbmi2 = detect_vbmi2();
 #endif
     return PyModule_Create(&module);
 }

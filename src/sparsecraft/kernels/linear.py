@@ -35,9 +35,9 @@ from ..errors import KernelError
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FORMATS = {"dense": 0, "bitmask": 1}
 QUANTIZE = {"int8": 3}  # stored value type -> the kernels' code (DT_I8)
-PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512f": 4}
 PATH_ENV = "SPARSECRAFT_KERNEL_PATH"
-VALUE_PADDING = 16  # the vector paths (AVX2, AVX-512) load up to 16 values past a row's last one
+VALUE_PADDING = 32  # the vector paths load up to 32 values past a row's last one (AVX-512 VBMI2: 32 x 16 bits)
 HUGEPAGES = os.environ.get("SPARSECRAFT_HUGEPAGES", "1") != "0"  # packed buffers >= 4 MiB: MADV_HUGEPAGE
 
 _ext = None
@@ -80,24 +80,27 @@ def require():
 
 
 def info() -> dict:
-    """Build and CPU facts: {'built', 'avx2', 'avx512', 'openmp', 'max_threads', 'path', 'error'}."""
+    """Build and CPU facts: {'built', 'avx2', 'avx512', 'avx512_vbmi2', 'openmp', 'max_threads', 'path', 'error'}."""
     ext = _load()
-    facts = dict(ext.info()) if ext is not None else {"avx2": 0, "avx512": 0, "openmp": 0, "max_threads": 1}
+    facts = dict(ext.info()) if ext is not None else {"avx2": 0, "avx512": 0, "avx512_vbmi2": 0, "openmp": 0,
+                                                            "max_threads": 1}
     return {"built": ext is not None, **{k: bool(v) if k != "max_threads" else v for k, v in facts.items()},
             "path": get_path(), "error": _ext_error}
 
 
 def get_path() -> str:
-    """The kernel path in use: 'auto' (the widest the CPU has: AVX-512F, else AVX2, else scalar), 'avx512',
-    'avx2' or 'scalar'."""
+    """The kernel path in use: 'auto' (the widest the CPU has: AVX-512, else AVX2, else scalar), 'avx512' (with
+    the VBMI2 kernels for 16-bit values where the CPU has AVX512_VBMI2), 'avx512f' (AVX-512F kernels only), 'avx2' or
+    'scalar'."""
     return _path
 
 
-_PATH_NEEDS = {"avx2": ("avx2", "AVX2+FMA"), "avx512": ("avx512", "AVX-512F")}
+_PATH_NEEDS = {"avx2": ("avx2", "AVX2+FMA"), "avx512": ("avx512", "AVX-512F"), "avx512f": ("avx512", "AVX-512F")}
 
 
 def set_path(name: str) -> None:
-    """Force a kernel path ('auto', 'avx512', 'avx2', 'scalar'); also settable with SPARSECRAFT_KERNEL_PATH."""
+    """Force a kernel path ('auto', 'avx512', 'avx512f', 'avx2', 'scalar'); also settable with
+    SPARSECRAFT_KERNEL_PATH."""
     global _path, _path_value
     if name not in PATHS:
         raise KernelError(f"unknown kernel path {name!r}: use one of {', '.join(PATHS)}")
