@@ -240,6 +240,36 @@ def unpack_bitmask(mask: torch.Tensor, rowptr: torch.Tensor, values: torch.Tenso
     return dense[:, :in_features].contiguous()
 
 
+def matmul(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, rowptr: torch.Tensor | None,
+           scale: torch.Tensor | None, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """y = x Wᵀ + b on the kernels, W given as a SparseLinear holds it: dense `values` [N, K] (mask None), or the
+    bitmask format (`mask` [N, words], `rowptr`, packed `values`, float32 per-row `scale` for int8 values). The
+    arguments are checked by SparseLinear; this is the body of its forward and of the `sparsecraft::linear` op."""
+    n = out_features
+    k = x.shape[-1]
+    if not x.is_contiguous():
+        x = x.contiguous()
+    m = x.numel() // k if k else 0
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    if k == 0:  # an empty sum: y = b
+        y.zero_()
+        if bias is not None:
+            y += bias
+        return y
+    if n == 0 or m == 0:
+        return y
+    b = bias.data_ptr() if bias is not None else 0
+    dt = DTYPES[x.dtype]
+    if mask is not None:
+        _ext.matmul(dt, 1, _path_value, torch.get_num_threads(), n, k, m, mask.shape[1], x.data_ptr(), k,
+                    mask.data_ptr(), rowptr.data_ptr(), values.data_ptr(), 0, b, y.data_ptr(), n,
+                    QUANTIZE["int8"] if values.dtype == torch.int8 else dt, scale.data_ptr() if scale is not None else 0)
+    else:
+        _ext.matmul(dt, 0, _path_value, torch.get_num_threads(), n, k, m, (k + 63) // 64, x.data_ptr(), k, 0, 0,
+                    values.data_ptr(), values.stride(0), b, y.data_ptr(), n)
+    return y
+
+
 class _InputGrad(torch.autograd.Function):
     """Gradients with respect to the input only (the packed weights are buffers, not trained)."""
 
@@ -502,28 +532,7 @@ class SparseLinear(nn.Module):
             raise KernelError(f"SparseLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}")
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        n, k = self.out_features, self.in_features
-        if not x.is_contiguous():
-            x = x.contiguous()
-        m = x.numel() // k if k else 0
-        y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
-        if k == 0:  # an empty sum: y = b
-            y.zero_()
-            if self._bias_t is not None:
-                y += self._bias_t
-            return y
-        if n == 0 or m == 0:
-            return y
-        bias = self._bias_t.data_ptr() if self._bias_t is not None else 0
-        w = self._w_t
-        if self._mask_t is not None:
-            _ext.matmul(self._dt, 1, _path_value, torch.get_num_threads(), n, k, m, self._mask_t.shape[1],
-                        x.data_ptr(), k, self._mask_t.data_ptr(), self._rowptr_t.data_ptr(), w.data_ptr(), 0, bias,
-                        y.data_ptr(), n, self._wt, self._scale_t.data_ptr() if self._scale_t is not None else 0)
-        else:
-            _ext.matmul(self._dt, 0, _path_value, torch.get_num_threads(), n, k, m, (k + 63) // 64, x.data_ptr(),
-                        k, 0, 0, w.data_ptr(), w.stride(0), bias, y.data_ptr(), n)
-        return y
+        return matmul(x, self._w_t, self._mask_t, self._rowptr_t, self._scale_t, self._bias_t, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype is not self._dtype or not x.is_cpu or not self._cpu or x.shape[-1] != self.in_features or \
@@ -535,6 +544,11 @@ class SparseLinear(nn.Module):
             if self.format == "dense":
                 return nn.functional.linear(x, self.weight, self.bias)
             return _InputGrad.apply(x, self)
+        if torch.compiler.is_compiling():  # torch.compile / torch.export see one op, not an opaque Python call
+            from .ops import linear_op
+
+            return linear_op(x, self._w_t, self._mask_t, self._rowptr_t, self._scale_t, self._bias_t,
+                             self.out_features)
         return self._run(x)
 
     def extra_repr(self) -> str:
