@@ -14,6 +14,7 @@ from conftest import VOCAB, build_model
 from sparsecraft import kernels as sk
 from sparsecraft.errors import ConfigError, ModelError
 from sparsecraft.runtime.decode import FastDecoder, HFDecoder, Sampling, decoder_for, fast_path_problem
+from sparsecraft.runtime.native import NativeDecoder, native_problem
 from sparsecraft.runtime.profile import split
 
 needs_kernels = pytest.mark.skipif(not sk.available(), reason="sparsecraft's C kernels are not built here")
@@ -50,14 +51,37 @@ def prompt(n: int = 9, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("decoder", ["fast", pytest.param("native", marks=needs_kernels)])
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
-def test_fast_path_same_greedy_tokens_as_generate(kind):
+def test_lean_loop_same_greedy_tokens_as_generate(kind, decoder):
     model = tiny(kind)
     assert fast_path_problem(model) is None
     ids = prompt()
-    decoder = decoder_for(model)
-    assert isinstance(decoder, FastDecoder)
-    assert decoder.generate(ids, 20, stop_at_eos=False).tokens == hf_greedy(model, ids, 20)
+    d = decoder_for(model, decoder)
+    assert isinstance(d, {"fast": FastDecoder, "native": NativeDecoder}[decoder])
+    assert d.generate(ids, 20, stop_at_eos=False).tokens == hf_greedy(model, ids, 20)
+
+
+@needs_kernels
+def test_native_is_the_default_and_matches_float32_generate_on_16_bit_and_int8_weights():
+    """The native step computes in float32: on bf16 weights its tokens are generate's on the same weights in
+    float32; on int8 values, generate's on the dequantized weights."""
+    from sparsecraft.quantize import fake_quantize_int8
+
+    model = tiny("qwen2").to(torch.bfloat16)
+    assert native_problem(model) is None and isinstance(decoder_for(model), NativeDecoder)
+    sparsecraft.prune(model, None, method="magnitude", sparsity=0.5, progress=False)
+    reference = tiny("qwen2")
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    ids = prompt(10)
+    want = hf_greedy(reference, ids, 16)
+    sk.sparsify_model(model)
+    assert decoder_for(model).generate(ids, 16, stop_at_eos=False).tokens == want
+    sk.densify_model(model)
+    fake_quantize_int8(reference)  # q * scale in float32: what the int8 kernels multiply by
+    sk.sparsify_model(model, quantize="int8")
+    assert any(m.quantize == "int8" for m in sk.kernel_layers(model).values())
+    assert decoder_for(model).generate(ids, 16, stop_at_eos=False).tokens == hf_greedy(reference, ids, 16)
 
 
 @needs_kernels
@@ -65,7 +89,7 @@ def test_fast_path_same_greedy_tokens_as_generate(kind):
 def test_fast_path_on_kernels_same_tokens_as_generate_on_kernels(kind):
     model = tiny(kind).to(torch.bfloat16)
     sparsecraft.prune(model, None, method="magnitude", sparsity=0.6, progress=False)
-    decoder = decoder_for(model)  # built before the swap: it binds the model's current layers at each run
+    decoder = decoder_for(model, "fast")  # built before the swap: it binds the model's current layers at each run
     sk.sparsify_model(model)
     assert sum(m.format == "bitmask" for m in sk.kernel_layers(model).values()) == 3 * 7
     ids = prompt(12)
@@ -76,7 +100,8 @@ def test_sliding_window_and_long_prompt():
     """Mistral with a window shorter than the prompt: the prefill's and the steps' masks both cut at the window."""
     model = tiny("mistral", sliding_window=5)
     ids = prompt(11)
-    assert decoder_for(model).generate(ids, 12, stop_at_eos=False).tokens == hf_greedy(model, ids, 12)
+    for kind in ("fast", "native") if sk.available() else ("fast",):
+        assert decoder_for(model, kind).generate(ids, 12, stop_at_eos=False).tokens == hf_greedy(model, ids, 12)
 
 
 def test_logits_equal_the_model_forward():
@@ -103,7 +128,11 @@ def test_other_architectures_use_the_model_forward(arch):
     ids = prompt(6)
     assert decoder.generate(ids, 10, stop_at_eos=False).tokens == hf_greedy(model, ids, 10)
     with pytest.raises(ModelError, match="fast decode path cannot run"):
-        decoder_for(model, fast=True)
+        decoder_for(model, "fast")
+    with pytest.raises(ModelError, match="native decode step cannot run"):
+        decoder_for(model, "native")
+    with pytest.raises(ConfigError, match="unknown decoder"):
+        decoder_for(model, "turbo")
 
 
 def test_eos_stops_and_sampling():
@@ -159,7 +188,7 @@ def test_cli_generate_and_bench(tmp_path, byte_tokenizer, capsys):
     assert main(["generate", str(tmp_path / "m"), "--prompt", "sparse", "--max-new-tokens", "5",
                  "--temperature", "0.8", "--top-k", "20", "--seed", "1"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith("sparse") and "fast loop" in captured.err and "bitmask layers" in captured.err
+    assert captured.out.startswith("sparse") and "native loop" in captured.err and "bitmask layers" in captured.err
     assert main(["generate", str(tmp_path / "m"), "--prompt", "x", "--max-new-tokens", "-5"]) == 2
     assert "--max-new-tokens must be >= 0" in capsys.readouterr().err
     assert main(["bench", str(tmp_path / "m"), "--tokens", "6", "--kernel-dense", "--split", "--prompt", "sparse",
@@ -184,9 +213,13 @@ def test_cli_generate_and_bench(tmp_path, byte_tokenizer, capsys):
 def test_real_model_lean_loop_same_tokens_as_generate():
     model, tokenizer = sparsecraft.load_model("default", dtype=torch.bfloat16)
     ids = tokenizer("The history of the Python programming language", return_tensors="pt").input_ids[0]
-    decoder = decoder_for(model)
-    assert isinstance(decoder, FastDecoder)
+    decoder = decoder_for(model, "fast")
     assert decoder.generate(ids, 24, stop_at_eos=False).tokens == hf_greedy(model, ids, 24)
     sparsecraft.prune(model, None, method="magnitude", sparsity=0.5, progress=False)
     sk.sparsify_model(model)
     assert decoder.generate(ids, 24, stop_at_eos=False).tokens == hf_greedy(model, ids, 24)
+    native = decoder_for(model)  # float32 arithmetic: compare with generate on the same weights in float32
+    assert isinstance(native, NativeDecoder)
+    got = native.generate(ids, 24, stop_at_eos=False).tokens
+    sk.densify_model(model)
+    assert got == hf_greedy(model.float(), ids, 24)

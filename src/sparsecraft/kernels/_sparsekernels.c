@@ -444,12 +444,17 @@ static PyObject *py_info(PyObject *self, PyObject *unused) {
                          have_vbmi2(), "openmp", omp, "max_threads", maxthreads);
 }
 
+#include <math.h>
+#include "_decode_step.h" /* decode_step: a whole LLaMA-family decode step (sparsecraft.runtime.native) */
+
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x W^T (+ b), raw addresses"},
     {"pack", (PyCFunction)(void (*)(void))py_pack, METH_FASTCALL, "pack a weight into the bitmask format"},
     {"advise_hugepages", (PyCFunction)(void (*)(void))py_advise_hugepages, METH_FASTCALL,
      "madvise(MADV_HUGEPAGE) the 2 MiB-aligned part of an untouched buffer"},
     {"info", py_info, METH_NOARGS, "build and CPU features"},
+    {"decode_step", (PyCFunction)(void (*)(void))py_decode_step, METH_FASTCALL,
+     "one LLaMA-family decode step (embedding .. logits) on the kernels"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -2,7 +2,9 @@
 model allows, on whatever linear layers the model holds (sparsecraft's CPU kernels after `sparsify_model`, or
 torch's nn.Linear).
 
-Two implementations behind one call, `decoder_for(model)`:
+Three implementations behind one call, `decoder_for(model)` (the first that can run the model):
+
+* `NativeDecoder` (native.py) for the LLaMA family when the C kernels are built: the whole step in one C call.
 
 * `FastDecoder` for the LLaMA family (LLaMA, Mistral, Qwen2, Qwen3 and their fine-tunes: pre-norm RMSNorm blocks,
   rotary attention with grouped KV heads, a gated MLP). It reads the model's own modules and parameters (nothing is
@@ -333,9 +335,19 @@ class FastDecoder(Decoder):
         return self.lm_head(last)[0]
 
 
-def decoder_for(model: nn.Module, fast: bool | None = None) -> Decoder:
-    """The fastest decoder this model supports: FastDecoder for the LLaMA family, else HFDecoder. `fast=True`
-    insists on the fast path (a ModelError says why it cannot run), `fast=False` always takes HFDecoder."""
-    if fast is False or (fast is None and fast_path_problem(model) is not None):
-        return HFDecoder(model)
-    return FastDecoder(model)
+KINDS = ("native", "fast", "hf")
+
+
+def decoder_for(model: nn.Module, kind: str | None = None) -> Decoder:
+    """The fastest decoder this model supports: NativeDecoder (runtime/native.py: one C call per token) for the
+    LLaMA family when the kernels are built, else FastDecoder, else HFDecoder. `kind` ('native', 'fast', 'hf')
+    insists on one (a ModelError says why it cannot run)."""
+    from .native import NativeDecoder, native_problem
+
+    if kind is not None and kind not in KINDS:
+        raise ConfigError(f"unknown decoder {kind!r}: use one of {', '.join(KINDS)}")
+    if kind == "native" or (kind is None and native_problem(model) is None):
+        return NativeDecoder(model)
+    if kind == "fast" or (kind is None and fast_path_problem(model) is None):
+        return FastDecoder(model)
+    return HFDecoder(model)

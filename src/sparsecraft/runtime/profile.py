@@ -3,7 +3,8 @@ Hugging Face `generate` and for the lean loop, measured the same way.
 
 Linear time is the wall time inside every linear layer's call (nn.Linear, Conv1D, SparseLinear, lm_head
 included), attention time the wall time inside each block's attention module (HF) or the fast decoder's attention
-step (RoPE, KV cache write, SDPA) minus the linear layers inside it. Both come from one instrumented run (forward
+step (RoPE, KV cache write, SDPA) minus the linear layers inside it; the native decoder's C step measures the
+same two stages itself. Both come from one instrumented run (forward
 hooks); "other" is the plain, uninstrumented run's time per token minus those two, so the hooks' own cost is not
 counted anywhere.
 """
@@ -66,7 +67,9 @@ def instrumented(model: nn.Module, decoder=None):
     for m in _linear_modules(model):
         handles.append(m.register_forward_pre_hook(clock.linear_pre))
         handles.append(m.register_forward_hook(clock.linear_post))
-    if decoder is not None and hasattr(decoder, "attend"):
+    if decoder is not None and hasattr(decoder, "clock"):  # NativeDecoder: the C step times itself
+        decoder.clock = clock
+    elif decoder is not None and hasattr(decoder, "attend"):
         plain = decoder.attend
 
         def timed(*args, **kwargs):
@@ -86,7 +89,9 @@ def instrumented(model: nn.Module, decoder=None):
     finally:
         for h in handles:
             h.remove()
-        if decoder is not None and hasattr(decoder, "attend"):
+        if decoder is not None and hasattr(decoder, "clock"):
+            decoder.clock = None
+        elif decoder is not None and "attend" in vars(decoder):
             del decoder.attend  # back to the class's method
 
 
