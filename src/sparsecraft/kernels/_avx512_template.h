@@ -6,8 +6,9 @@
  *         load16_SFX(p)       __m512: 16 consecutive stored values at p converted to fp32
  *   WT    stored element type (float, uint16_t or int8_t)
  * and optionally WIDE16 (16-bit value types on CPUs with AVX512_VBMI2): the bitmask kernels then place 32 values
- * with one vpexpandw (EXPAND32 / WIDEN helpers, named from SFX too) instead of 16 with vexpandps; the functions
- * are named ..._avx512w_SFX and compiled for SC_AVX512W.
+ * with one vpexpandw (EXPAND32 / WIDEN / WIDEN_ROW helpers, named from SFX too) instead of 16 with vexpandps; the
+ * functions are named ..._avx512w_SFX and compiled for SC_AVX512W. With ROW_X_PERMUTED, WIDEN_ROW yields lanes in
+ * permute32's order and the decode driver hands the row kernel x permuted that way.
  * Every function here is compiled for avx512f and only called after a runtime CPU check; the per-thread driver
  * FN(run) comes from _run_template.h. One expand instruction places 16 values (the AVX2 path needs a table lookup,
  * a shuffle and a popcount per 8), so each 64-bit mask word takes 4 steps (2 with WIDE16). Decode (one x row) runs
@@ -20,6 +21,7 @@
 #define ISA_ATTR SC_AVX512W
 #define EXPAND32(p, k) CAT(expand32, SFX)(p, k)
 #define WIDEN(e, h) CAT(widen, SFX)(e, h)
+#define WIDEN_ROW(e, h) CAT(widen_row, SFX)(e, h)
 #else
 #define FN(name) CAT(CAT(name, avx512), SFX)
 #define ISA_ATTR SC_AVX512
@@ -53,10 +55,10 @@ ISA_ATTR SC_NOINLINE static float FN(bm_gemv_row)(const float *x, const uint64_t
         v += _mm_popcnt_u32(k0);
         const __m512i e1 = EXPAND32(v, k1);
         v += _mm_popcnt_u32(k1);
-        a0 = _mm512_fmadd_ps(WIDEN(e0, 0), _mm512_loadu_ps(xp), a0);
-        a1 = _mm512_fmadd_ps(WIDEN(e0, 1), _mm512_loadu_ps(xp + 16), a1);
-        a2 = _mm512_fmadd_ps(WIDEN(e1, 0), _mm512_loadu_ps(xp + 32), a2);
-        a3 = _mm512_fmadd_ps(WIDEN(e1, 1), _mm512_loadu_ps(xp + 48), a3);
+        a0 = _mm512_fmadd_ps(WIDEN_ROW(e0, 0), _mm512_loadu_ps(xp), a0);
+        a1 = _mm512_fmadd_ps(WIDEN_ROW(e0, 1), _mm512_loadu_ps(xp + 16), a1);
+        a2 = _mm512_fmadd_ps(WIDEN_ROW(e1, 0), _mm512_loadu_ps(xp + 32), a2);
+        a3 = _mm512_fmadd_ps(WIDEN_ROW(e1, 1), _mm512_loadu_ps(xp + 48), a3);
 #else
 #define STEP(J, A)                                                             \
     {                                                                          \
@@ -129,5 +131,6 @@ ISA_ATTR SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const u
 #ifdef WIDE16
 #undef EXPAND32
 #undef WIDEN
+#undef WIDEN_ROW
 #undef WIDE16
 #endif

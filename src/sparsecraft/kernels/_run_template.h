@@ -14,16 +14,28 @@ ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
     if (j->M == 1) {
         const float *x = j->xf;
 #ifdef GEMV_ROW
+        const float *xr = x; /* the bitmask row kernel's x */
+#ifdef ROW_X_PERMUTED
+        float *xperm = bitmask ? (float *)sc_aligned_alloc((size_t)kp * sizeof(float)) : NULL;
+        if (bitmask && !xperm) return;
+        if (xperm) {
+            permute32(x, xperm, kp);
+            xr = xperm;
+        }
+#endif
         for (int64_t r = r0; r < r1; ++r) {
             float o;
             if (bitmask) {
-                o = FN(bm_gemv_row)(x, j->mask + r * words, vals + j->rowptr[r], words);
+                o = FN(bm_gemv_row)(xr, j->mask + r * words, vals + j->rowptr[r], words);
             } else {
                 o = FN(dn_gemv_row)(x, vals + r * j->wstride, kv);
                 for (int64_t k = kv; k < j->K; ++k) o += CAT(to_f32, SFX)(vals[r * j->wstride + k]) * x[k];
             }
             store_out(j, 0, r, o);
         }
+#ifdef ROW_X_PERMUTED
+        sc_aligned_free(xperm);
+#endif
         return;
 #endif
         for (int64_t r = r0; r < r1; r += 2) {
