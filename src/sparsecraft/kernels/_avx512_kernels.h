@@ -59,7 +59,7 @@ SC_AVX512W static inline __m512 widen_bf16(__m512i e, int h) { /* 16 values of h
 }
 /* The decode GEMV widens bf16 in-lane instead: vpunpck{l,h}wd with zero puts values 0-3, 8-11, 16-19, 24-27
  * (low) and 4-7, 12-15, 20-23, 28-31 (high) of a 32-value block in fp32 lanes, at a fraction of vpmovzxwd's cost
- * on Zen 4; the driver permutes x the same way once per call (ROW_X_PERMUTED, permute32). */
+ * on Zen 4; the driver permutes x the same way once per call (ROW_X_PERMUTE, permute32). */
 SC_AVX512W static inline __m512 widen_row_bf16(__m512i e, int h) {
     const __m512i z = _mm512_setzero_si512();
     return _mm512_castsi512_ps(h ? _mm512_unpackhi_epi16(z, e) : _mm512_unpacklo_epi16(z, e));
@@ -79,16 +79,42 @@ static void permute32(const float *x, float *out, int64_t n) {
 }
 
 #define WIDE16 1
-#define ROW_X_PERMUTED 1
+#define ROW_X_PERMUTE permute32
 #define SFX bf16
 #define WT uint16_t
 #include "_avx512_template.h"
-#undef ROW_X_PERMUTED
+#undef ROW_X_PERMUTE
 #define WIDE16 1
 #define SFX f16
 #define WT uint16_t
 #include "_avx512_template.h"
 #undef expand32_f16
 #undef widen_row_f16
+
+/* int8 values: one vpexpandb places a whole mask word's 64 values; they are sign-extended in-lane (vpunpck{l,h}bw
+ * and vpunpck{l,h}wd of the value with itself, then arithmetic shifts), so vector q of 4 holds, in 128-bit lane L,
+ * values 16 L + 4 q .. 16 L + 4 q + 3; permute64 puts x in that order. */
+SC_AVX512W static inline __m512i expand64_i8(const int8_t *p, uint64_t k) {
+    return _mm512_maskz_expand_epi8((__mmask64)k, _mm512_loadu_si512((const void *)p));
+}
+SC_AVX512W static inline void widen4_i8(__m512i e, __m512 *v) {
+    const __m512i lo = _mm512_srai_epi16(_mm512_unpacklo_epi8(e, e), 8), hi = _mm512_srai_epi16(_mm512_unpackhi_epi8(e, e), 8);
+    v[0] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_unpacklo_epi16(lo, lo), 16));
+    v[1] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_unpackhi_epi16(lo, lo), 16));
+    v[2] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_unpacklo_epi16(hi, hi), 16));
+    v[3] = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_unpackhi_epi16(hi, hi), 16));
+}
+static void permute64(const float *x, float *out, int64_t n) { /* n a multiple of 64 */
+    for (int64_t b = 0; b < n; b += 64)
+        for (int q = 0; q < 4; ++q)
+            for (int l = 0; l < 4; ++l) memcpy(out + b + 16 * q + 4 * l, x + b + 16 * l + 4 * q, 4 * sizeof(float));
+}
+
+#define WIDE8 1
+#define ROW_X_PERMUTE permute64
+#define SFX i8
+#define WT int8_t
+#include "_avx512_template.h"
+#undef ROW_X_PERMUTE
 #endif
 

@@ -7,8 +7,10 @@
  *   WT    stored element type (float, uint16_t or int8_t)
  * and optionally WIDE16 (16-bit value types on CPUs with AVX512_VBMI2): the bitmask kernels then place 32 values
  * with one vpexpandw (EXPAND32 / WIDEN / WIDEN_ROW helpers, named from SFX too) instead of 16 with vexpandps; the
- * functions are named ..._avx512w_SFX and compiled for SC_AVX512W. With ROW_X_PERMUTED, WIDEN_ROW yields lanes in
- * permute32's order and the decode driver hands the row kernel x permuted that way.
+ * functions are named ..._avx512w_SFX and compiled for SC_AVX512W. With ROW_X_PERMUTE, WIDEN_ROW yields lanes in
+ * the order of the function ROW_X_PERMUTE names, and the decode driver hands the row kernel x permuted that way.
+ * WIDE8 (int8 values with VBMI2): the decode row places a mask word's 64 values with one vpexpandb (widen4_i8,
+ * permute64); its GEMM tiles are the AVX-512F ones.
  * Every function here is compiled for avx512f and only called after a runtime CPU check; the per-thread driver
  * FN(run) comes from _run_template.h. One expand instruction places 16 values (the AVX2 path needs a table lookup,
  * a shuffle and a popcount per 8), so each 64-bit mask word takes 4 steps (2 with WIDE16). Decode (one x row) runs
@@ -16,7 +18,7 @@
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
-#ifdef WIDE16
+#if defined(WIDE16) || defined(WIDE8)
 #define FN(name) CAT(CAT(name, avx512w), SFX)
 #define ISA_ATTR SC_AVX512W
 #define EXPAND32(p, k) CAT(expand32, SFX)(p, k)
@@ -59,6 +61,14 @@ ISA_ATTR SC_NOINLINE static float FN(bm_gemv_row)(const float *x, const uint64_t
         a1 = _mm512_fmadd_ps(WIDEN_ROW(e0, 1), _mm512_loadu_ps(xp + 16), a1);
         a2 = _mm512_fmadd_ps(WIDEN_ROW(e1, 0), _mm512_loadu_ps(xp + 32), a2);
         a3 = _mm512_fmadd_ps(WIDEN_ROW(e1, 1), _mm512_loadu_ps(xp + 48), a3);
+#elif defined(WIDE8) /* one vpexpandb places the word's 64 int8 values */
+        __m512 q4[4];
+        widen4_i8(expand64_i8(v, u), q4);
+        v += _mm_popcnt_u64(u);
+        a0 = _mm512_fmadd_ps(q4[0], _mm512_loadu_ps(xp), a0);
+        a1 = _mm512_fmadd_ps(q4[1], _mm512_loadu_ps(xp + 16), a1);
+        a2 = _mm512_fmadd_ps(q4[2], _mm512_loadu_ps(xp + 32), a2);
+        a3 = _mm512_fmadd_ps(q4[3], _mm512_loadu_ps(xp + 48), a3);
 #else
 #define STEP(J, A)                                                             \
     {                                                                          \
@@ -134,3 +144,4 @@ ISA_ATTR SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const u
 #undef WIDEN_ROW
 #undef WIDE16
 #endif
+#undef WIDE8

@@ -15,11 +15,11 @@ ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
         const float *x = j->xf;
 #ifdef GEMV_ROW
         const float *xr = x; /* the bitmask row kernel's x */
-#ifdef ROW_X_PERMUTED
+#ifdef ROW_X_PERMUTE
         float *xperm = bitmask ? (float *)sc_aligned_alloc((size_t)kp * sizeof(float)) : NULL;
         if (bitmask && !xperm) return;
         if (xperm) {
-            permute32(x, xperm, kp);
+            ROW_X_PERMUTE(x, xperm, kp);
             xr = xperm;
         }
 #endif
@@ -33,7 +33,7 @@ ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
             }
             store_out(j, 0, r, o);
         }
-#ifdef ROW_X_PERMUTED
+#ifdef ROW_X_PERMUTE
         sc_aligned_free(xperm);
 #endif
         return;

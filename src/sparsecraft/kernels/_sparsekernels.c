@@ -224,7 +224,7 @@ typedef void (*RunFn)(const Job *, int64_t, int64_t);
 static RunFn pick(int wtype, int path) {
 #if SC_HAVE_AVX512
     static const RunFn avx512[] = {run_avx512_f32, run_avx512_bf16, run_avx512_f16, run_avx512_i8};
-    static const RunFn avx512w[] = {run_avx512_f32, run_avx512w_bf16, run_avx512w_f16, run_avx512_i8};
+    static const RunFn avx512w[] = {run_avx512_f32, run_avx512w_bf16, run_avx512w_f16, run_avx512w_i8};
     if (path == PATH_AVX512) return (have_vbmi2() ? avx512w : avx512)[wtype];
     if (path == PATH_AVX512F) return avx512[wtype];
 #endif

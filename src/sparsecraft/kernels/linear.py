@@ -37,7 +37,7 @@ FORMATS = {"dense": 0, "bitmask": 1}
 QUANTIZE = {"int8": 3}  # stored value type -> the kernels' code (DT_I8)
 PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512f": 4}
 PATH_ENV = "SPARSECRAFT_KERNEL_PATH"
-VALUE_PADDING = 32  # the vector paths load up to 32 values past a row's last one (AVX-512 VBMI2: 32 x 16 bits)
+VALUE_PADDING = 64  # the vector paths load up to 64 values past a row's last one (AVX-512 VBMI2: 64 int8, 32 x 16 bits)
 HUGEPAGES = os.environ.get("SPARSECRAFT_HUGEPAGES", "1") != "0"  # packed buffers >= 4 MiB: MADV_HUGEPAGE
 
 _ext = None
