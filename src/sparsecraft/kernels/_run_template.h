@@ -2,9 +2,9 @@
  * that ISA's kernels. Included at the end of _avx2_template.h / _avx512_template.h, which define
  *   FN(name)   the name with the ISA and value type suffix; SFX that suffix (f32, bf16, f16, i8); WT the stored type
  *   ISA_ATTR   the function target attribute; VEC the vector type; VHSUM(v) its horizontal sum; LANES its fp32 lanes
- * and the kernels FN(bm_gemv_pair), FN(dn_gemv_pair) (dense over [0, kv), kv = K rounded down to LANES),
- * FN(bm_tile) and FN(dn_tile); with GEMV_ROW defined, decode calls the one-row kernels FN(bm_gemv_row) and
- * FN(dn_gemv_row) instead of the pairs. Undefines those macros at its end. */
+ * and the kernels FN(bm_gemv_pair), FN(dn_gemv_row) (dense over [0, kv), kv = K rounded down to LANES),
+ * FN(bm_tile) and FN(dn_tile); with GEMV_ROW defined, bitmask decode calls the one-row kernel FN(bm_gemv_row)
+ * instead of the pair. Undefines those macros at its end. */
 
 /* ---- one thread's share: output rows [r0, r1) for all M x rows ---- */
 ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
@@ -13,47 +13,37 @@ ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
     const int64_t words = j->words, kp = words * 64, kv = j->K & ~(int64_t)(LANES - 1);
     if (j->M == 1) {
         const float *x = j->xf;
+        if (!bitmask) { /* dense decode: one weight row at a time, a single sequential stream per thread */
+            for (int64_t r = r0; r < r1; ++r) {
+                float o = FN(dn_gemv_row)(x, vals + r * j->wstride, kv);
+                for (int64_t k = kv; k < j->K; ++k) o += CAT(to_f32, SFX)(vals[r * j->wstride + k]) * x[k];
+                store_out(j, 0, r, o);
+            }
+            return;
+        }
 #ifdef GEMV_ROW
         const float *xr = x; /* the bitmask row kernel's x */
 #ifdef ROW_X_PERMUTE
-        float *xperm = bitmask ? (float *)sc_aligned_alloc((size_t)kp * sizeof(float)) : NULL;
-        if (bitmask && !xperm) return;
-        if (xperm) {
-            ROW_X_PERMUTE(x, xperm, kp);
-            xr = xperm;
-        }
+        float *xperm = (float *)sc_aligned_alloc((size_t)kp * sizeof(float));
+        if (!xperm) return;
+        ROW_X_PERMUTE(x, xperm, kp);
+        xr = xperm;
 #endif
-        for (int64_t r = r0; r < r1; ++r) {
-            float o;
-            if (bitmask) {
-                o = FN(bm_gemv_row)(xr, j->mask + r * words, vals + j->rowptr[r], words);
-            } else {
-                o = FN(dn_gemv_row)(x, vals + r * j->wstride, kv);
-                for (int64_t k = kv; k < j->K; ++k) o += CAT(to_f32, SFX)(vals[r * j->wstride + k]) * x[k];
-            }
-            store_out(j, 0, r, o);
-        }
+        for (int64_t r = r0; r < r1; ++r)
+            store_out(j, 0, r, FN(bm_gemv_row)(xr, j->mask + r * words, vals + j->rowptr[r], words));
 #ifdef ROW_X_PERMUTE
         sc_aligned_free(xperm);
 #endif
-        return;
-#endif
+#else
         for (int64_t r = r0; r < r1; r += 2) {
             int64_t s = r + 1 < r1 ? r + 1 : r; /* odd tail: compute the last row twice */
             float o0, o1;
-            if (bitmask) {
-                FN(bm_gemv_pair)(x, j->mask + r * words, j->mask + s * words, vals + j->rowptr[r],
-                                 vals + j->rowptr[s], words, &o0, &o1);
-            } else {
-                FN(dn_gemv_pair)(x, vals + r * j->wstride, vals + s * j->wstride, kv, &o0, &o1);
-                for (int64_t k = kv; k < j->K; ++k) {
-                    o0 += CAT(to_f32, SFX)(vals[r * j->wstride + k]) * x[k];
-                    o1 += CAT(to_f32, SFX)(vals[s * j->wstride + k]) * x[k];
-                }
-            }
+            FN(bm_gemv_pair)(x, j->mask + r * words, j->mask + s * words, vals + j->rowptr[r], vals + j->rowptr[s],
+                             words, &o0, &o1);
             store_out(j, 0, r, o0);
             if (s != r) store_out(j, 0, s, o1);
         }
+#endif
         return;
     }
     /* GEMM: blocks of RB output rows; K in blocks of KBW words (x tile stays in L1); x in tiles of TM rows */

@@ -3,7 +3,7 @@
  *   VEC, LANES, VZERO(), VLOADU(p) (LANES floats), VFMA(a, b, c) (a * b + c), VADD(a, b), VHSUM(v)
  *   LOADV(p)   LANES consecutive stored values at p converted to fp32;  ISA_ATTR, FN(name), WT
  * It defines FMA6 / ACC_IN / ACC_OUT (the GEMM tile's 6 x rows x 2 weight rows of accumulators, used by the ISA's
- * bitmask tile too) and the dense kernels FN(dn_gemv_pair), FN(dn_gemv_row) and FN(dn_tile). The ISA template undefines the macros. */
+ * bitmask tile too) and the dense kernels FN(dn_gemv_row) and FN(dn_tile). The ISA template undefines the macros. */
 
 /* acc[i*2+j] += x row i . weight row j over one vector of columns at xb (12 accumulators: each weight vector
  * feeds 6 FMAs) */
@@ -29,30 +29,9 @@
     acc[0] = c00; acc[1] = c01; acc[2] = c10; acc[3] = c11; acc[4] = c20; acc[5] = c21; \
     acc[6] = c30; acc[7] = c31; acc[8] = c40; acc[9] = c41; acc[10] = c50; acc[11] = c51;
 
-/* ---- dense, one x row: two weight rows, elements [0, kv) with kv a multiple of LANES ---- */
-ISA_ATTR SC_NOINLINE static void FN(dn_gemv_pair)(const float *x, const WT *r0, const WT *r1, int64_t kv, float *o0,
-                                                  float *o1) {
-    VEC a0 = VZERO(), a1 = VZERO(), b0 = VZERO(), b1 = VZERO();
-    int64_t k = 0;
-    for (; k + 2 * LANES <= kv; k += 2 * LANES) {
-        VEC x0 = VLOADU(x + k), x1 = VLOADU(x + k + LANES);
-        a0 = VFMA(LOADV(r0 + k), x0, a0);
-        b0 = VFMA(LOADV(r1 + k), x0, b0);
-        a1 = VFMA(LOADV(r0 + k + LANES), x1, a1);
-        b1 = VFMA(LOADV(r1 + k + LANES), x1, b1);
-    }
-    for (; k < kv; k += LANES) {
-        VEC x0 = VLOADU(x + k);
-        a0 = VFMA(LOADV(r0 + k), x0, a0);
-        b0 = VFMA(LOADV(r1 + k), x0, b0);
-    }
-    *o0 = VHSUM(VADD(a0, a1));
-    *o1 = VHSUM(VADD(b0, b1));
-}
-
-#ifdef GEMV_ROW
-/* ---- dense, one x row, one weight row (GEMV_ROW ISAs: a single sequential stream per thread), elements [0, kv)
- * with kv a multiple of LANES ---- */
+/* ---- dense, one x row, one weight row (a single sequential stream per thread: two rows at a time interleave two
+ * streams, which Zen 3/4's prefetchers follow at about 2/3 of the bandwidth), elements [0, kv), kv a multiple of
+ * LANES ---- */
 ISA_ATTR SC_NOINLINE static float FN(dn_gemv_row)(const float *x, const WT *r, int64_t kv) {
     VEC a0 = VZERO(), a1 = VZERO(), a2 = VZERO(), a3 = VZERO();
     int64_t k = 0;
@@ -65,7 +44,6 @@ ISA_ATTR SC_NOINLINE static float FN(dn_gemv_row)(const float *x, const WT *r, i
     for (; k < kv; k += LANES) a0 = VFMA(LOADV(r + k), VLOADU(x + k), a0);
     return VHSUM(VADD(VADD(a0, a1), VADD(a2, a3)));
 }
-#endif
 
 /* ---- dense, tile of TM = 6 x rows x 2 weight rows over elements [ka, kb) (multiples of LANES) ---- */
 ISA_ATTR SC_NOINLINE static void FN(dn_tile)(const float *x, int64_t xs, const WT *r0, const WT *r1, int64_t ka,
