@@ -223,3 +223,18 @@ def test_real_model_lean_loop_same_tokens_as_generate():
     got = native.generate(ids, 24, stop_at_eos=False).tokens
     sk.densify_model(model)
     assert got == hf_greedy(model.float(), ids, 24)
+
+
+def test_cli_bench_vs_llama_cpp(tmp_path, byte_tokenizer, capsys, monkeypatch):
+    """--vs llama.cpp: bad GGUF types and a converter that is not there are one-line errors before any work."""
+    from sparsecraft.cli import main
+    from sparsecraft.runtime import llamacpp
+
+    if not llamacpp.available():
+        assert main(["bench", "default", "--vs", "llama.cpp"]) == 2
+        assert "pip install llama-cpp-python" in capsys.readouterr().err
+        return
+    assert main(["bench", "default", "--vs", "llama.cpp", "--gguf-types", "q4_k"]) == 2
+    assert "GGUF types must be a comma list of f32, f16, bf16, q8_0" in capsys.readouterr().err
+    assert main(["bench", "default", "--vs", "llama.cpp", "--llama-cpp-src", str(tmp_path / "none")]) == 2
+    assert "llama" in capsys.readouterr().err

@@ -90,7 +90,8 @@ def cmd_bench(args) -> int:
         from .runtime import llamacpp
 
         llamacpp.require()
-        peer = (llamacpp, llamacpp.find_converter(args.llama_cpp_src), llamacpp.parse_types(args.gguf_types))
+        types = llamacpp.parse_types(args.gguf_types)
+        peer = (llamacpp, llamacpp.find_converter(args.llama_cpp_src), types)
     model, tokenizer = _load(args)
     ids = _ids(tokenizer, args.prompt or DEFAULT_PROMPT)
     min_sparsity = DEFAULT_MIN_SPARSITY if args.min_sparsity is None else args.min_sparsity

@@ -151,6 +151,20 @@ def available() -> bool:
     return True
 
 
+def parse_types(text: str) -> list[str]:
+    """GGUF types from a comma list ('f16,bf16,q8_0'), each checked against OUTTYPES."""
+    types = [t.strip().lower() for t in text.split(",") if t.strip()]
+    bad = [t for t in types if t not in OUTTYPES]
+    if not types or bad:
+        raise ConfigError(f"GGUF types must be a comma list of {', '.join(OUTTYPES)}, got {text!r}")
+    return types
+
+
+def require():
+    """The llama_cpp module, or a ConfigError saying how to install it."""
+    return _llama_cpp()
+
+
 def _llama_cpp():
     try:
         import llama_cpp
@@ -254,5 +268,6 @@ def perplexity(gguf_path: str | Path, token_ids, seqlen: int, threads: int, max_
     return math.exp(total_nll / (len(windows) * (seqlen - 1)))
 
 
-__all__ = ["LLAMA_CPP_PYTHON_VERSION", "OUTTYPES", "SOURCE_ENV", "available", "cache_dir", "convert",
+__all__ = ["LLAMA_CPP_PYTHON_VERSION", "OUTTYPES", "SOURCE_ENV", "available", "cache_dir", "convert", "parse_types",
+           "require",
            "decode_speed", "find_converter", "perplexity"]
