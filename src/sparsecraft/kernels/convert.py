@@ -16,6 +16,19 @@ from .linear import DTYPES, SparseLinear, check_quantize, require
 DEFAULT_MIN_SPARSITY = 0.25  # below this the bitmask format reads about as many bytes as the dense weight
 
 
+def release_freed_memory() -> None:
+    """Give the memory of the dense weights just replaced back to the OS (glibc keeps freed heap pages otherwise,
+    so a packed model would keep the dense model's footprint); a no-op where malloc_trim does not exist."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -81,6 +94,7 @@ def sparsify_model(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY,
         done[id(module)] = layer
         _set_child(model, name, layer)
         report[name] = fmt
+    release_freed_memory()
     return report
 
 
