@@ -263,7 +263,8 @@ def matmul(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, row
     if mask is not None:
         _ext.matmul(dt, 1, _path_value, torch.get_num_threads(), n, k, m, mask.shape[1], x.data_ptr(), k,
                     mask.data_ptr(), rowptr.data_ptr(), values.data_ptr(), 0, b, y.data_ptr(), n,
-                    QUANTIZE["int8"] if values.dtype == torch.int8 else dt, scale.data_ptr() if scale is not None else 0)
+                    QUANTIZE["int8"] if values.dtype == torch.int8 else dt,
+                    scale.data_ptr() if scale is not None else 0)
     else:
         _ext.matmul(dt, 0, _path_value, torch.get_num_threads(), n, k, m, (k + 63) // 64, x.data_ptr(), k, 0, 0,
                     values.data_ptr(), values.stride(0), b, y.data_ptr(), n)

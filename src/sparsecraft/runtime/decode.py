@@ -198,6 +198,14 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+def sliding_window(attn: nn.Module) -> int | None:
+    """The attention module's sliding window (None: full attention). Qwen2/Qwen3 set it per layer (sliding layers
+    only); Mistral's layers read it from the config."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(attn.config, "sliding_window", None) if attn.config.model_type == "mistral" else None
+
+
 class _Block:
     """One decoder block's modules and tensors, looked up once."""
 
@@ -211,9 +219,7 @@ class _Block:
         self.qn = (qn.weight, qn.variance_epsilon) if qn is not None else None
         self.kn = (kn.weight, kn.variance_epsilon) if kn is not None else None
         self.scale = attn.scaling
-        # Qwen2/Qwen3 set it per layer (sliding layers only); Mistral's layers read it from the config
-        self.window = attn.sliding_window if hasattr(attn, "sliding_window") else \
-            getattr(attn.config, "sliding_window", None) if attn.config.model_type == "mistral" else None
+        self.window = sliding_window(attn)
         self.index = index
 
 

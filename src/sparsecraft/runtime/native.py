@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .decode import Decoder, fast_path_problem
+from .decode import Decoder, fast_path_problem, sliding_window
 
 LIN_FIELDS, STEP_HEADER, LAYER_FIELDS = 10, 11, 7 * 10 + 7
 
@@ -75,7 +75,9 @@ class NativeDecoder(Decoder):
         if bias is not None:
             bias = bias.detach().float().contiguous()
             keep.append(bias)
-        ptr = (lambda t: t.data_ptr() if t is not None else 0)
+        def ptr(t):
+            return t.data_ptr() if t is not None else 0
+
         bitmask = module._mask_t is not None
         return [int(bitmask), module._wt, module.out_features, module.in_features, ptr(module._mask_t),
                 ptr(module._rowptr_t), values.data_ptr(), 0 if bitmask else values.stride(0), ptr(module._scale_t),
@@ -111,12 +113,11 @@ class NativeDecoder(Decoder):
             qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
             if qn is not None:
                 qk_eps = float(qn.variance_epsilon)
-            window = attn.sliding_window if hasattr(attn, "sliding_window") else \
-                getattr(attn.config, "sliding_window", None) if attn.config.model_type == "mistral" else None
-            fields += [f32(layer.input_layernorm.weight).data_ptr(), f32(layer.post_attention_layernorm.weight).data_ptr(),
+            fields += [f32(layer.input_layernorm.weight).data_ptr(),
+                       f32(layer.post_attention_layernorm.weight).data_ptr(),
                        f32(qn.weight).data_ptr() if qn is not None else 0,
                        f32(kn.weight).data_ptr() if kn is not None else 0,
-                       self.k_cache[i].data_ptr(), self.v_cache[i].data_ptr(), int(window or 0)]
+                       self.k_cache[i].data_ptr(), self.v_cache[i].data_ptr(), int(sliding_window(attn) or 0)]
             layers.append(fields)
             scale = float(attn.scaling)
         if len(eps) != 1:
