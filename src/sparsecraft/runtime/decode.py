@@ -245,24 +245,37 @@ def fast_path_problem(model: nn.Module) -> str | None:
     return None
 
 
-class FastDecoder(Decoder):
+class LlamaFamilyDecoder(Decoder):
+    """What the fast and native decoders share: the check that they can run the model, and its attention shape."""
+
+    what = "fast decode path"
+
+    @staticmethod
+    def problem(model: nn.Module) -> str | None:
+        return fast_path_problem(model)
+
+    def __init__(self, model: nn.Module):
+        problem = self.problem(model)
+        if problem is not None:
+            raise ModelError(f"the {self.what} cannot run this model: {problem}")
+        super().__init__(model)
+        config = model.config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.capacity = 0
+
+
+class FastDecoder(LlamaFamilyDecoder):
     """The LLaMA family's decode step as a straight line of tensor ops and kernel calls over a static KV cache."""
 
     name = "fast"
 
     def __init__(self, model: nn.Module):
-        problem = fast_path_problem(model)
-        if problem is not None:
-            raise ModelError(f"the fast decode path cannot run this model: {problem}")
         super().__init__(model)
-        config = model.config
         self._bind()
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.dtype = self.embed.dtype
         self.gqa = self.kv_heads != self.heads
-        self.capacity = 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
 

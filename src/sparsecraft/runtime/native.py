@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .decode import Decoder, fast_path_problem, sliding_window
+from .decode import LlamaFamilyDecoder, fast_path_problem, sliding_window
 
 LIN_FIELDS, STEP_HEADER, LAYER_FIELDS = 10, 11, 7 * 10 + 7
 
@@ -42,24 +42,21 @@ def native_problem(model: nn.Module) -> str | None:
     return None
 
 
-class NativeDecoder(Decoder):
+class NativeDecoder(LlamaFamilyDecoder):
     """One C call per token over a float32 KV cache (see the module docstring)."""
 
     name = "native"
+    what = "native decode step"
+
+    @staticmethod
+    def problem(model: nn.Module) -> str | None:
+        return native_problem(model)
 
     def __init__(self, model: nn.Module):
-        problem = native_problem(model)
-        if problem is not None:
-            raise ModelError(f"the native decode step cannot run this model: {problem}")
         super().__init__(model)
         from ..kernels.linear import require
 
         self.ext = require()
-        config = model.config
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.capacity = 0
         self.clock = None  # a profile clock: the C step adds its linear / attention seconds to it
         self.timing = torch.zeros(2, dtype=torch.float64)
 
