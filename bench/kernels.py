@@ -3,13 +3,15 @@
 Every number comes from the same run: a STREAM-like read bandwidth (torch.sum over a 512 MiB buffer), the dense
 baselines (torch fp32 and bf16 nn.functional.linear, sparsecraft's own dense kernels), torch's CSR sparse matmul,
 and sparsecraft's bitmask kernels at 0/50/70/90% unstructured and 2:4 sparsity (magnitude pattern on a random
-Gaussian weight). Small weights are timed cold, as in a model (each call cycles to another copy of the weight, so
---cold-mib of copies keep it out of the caches; --hot reuses one). Timings are the best of --reps passes after a
+Gaussian weight), with bf16/fp32/fp16 or int8 values (--dtypes), on each kernel path asked for (--paths). Small
+weights are timed cold, as in a model (each call cycles to another copy of the weight, so --cold-mib of copies
+keep it out of the caches; --hot reuses one). Timings are the best of --reps passes after a
 warm-up, per call.
 
   python bench/kernels.py                 # LLaMA-7B and SmolLM2-135M shapes, batches 1, 16, 128
   python bench/kernels.py --quick         # 4096x11008 and 576x1536, batch 1 (a minute)
   python bench/kernels.py --markdown --json out.json
+  python bench/kernels.py --quick --paths avx512,avx512f,avx2 --dtypes bfloat16,int8   # the ISA paths side by side
 
 Columns: `x dense` = fastest dense option for that shape and batch (any dtype) / this time; `GB/s` = bytes of
 the (compressed) weight read per call / time; `of bound` = (bytes / read bandwidth) / time, how close the call is
@@ -28,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
-from sparsecraft.kernels import SparseLinear, info  # noqa: E402
+from sparsecraft.kernels import SparseLinear, info, use_path  # noqa: E402
 
 LLAMA7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]: q/k/v/o, gate/up, down
 SMOLLM = [(576, 576), (1536, 576), (576, 1536)]
@@ -89,7 +91,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two shapes, batch 1, fewer repetitions")
     ap.add_argument("--shapes", default=None, help="out x in list, e.g. 4096x11008,576x1536 (default: all)")
     ap.add_argument("--batches", default=None, help="x rows, e.g. 1,16,128 (default 1,16,128; quick 1)")
-    ap.add_argument("--dtypes", default="bfloat16,float32", help="kernel dtypes (default bfloat16,float32)")
+    ap.add_argument("--dtypes", default="bfloat16,float32,int8",
+                    help="bitmask value types: bfloat16, float32, float16, int8 (int8 values with per-row scales, "
+                         "bf16 activations); default bfloat16,float32,int8")
+    ap.add_argument("--paths", default="auto",
+                    help="kernel paths to time, e.g. avx512,avx512f,avx2 (default auto: the widest the CPU has)")
     ap.add_argument("--sparsities", default=None, help=f"default {','.join(SPARSITIES)} (quick 0.5,0.7)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per entry (default 20, quick 10)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -110,7 +116,8 @@ def main() -> None:
         shapes = [(4096, 11008), (576, 1536)] if args.quick else LLAMA7B + SMOLLM
     batches = [int(b) for b in (args.batches or ("1" if args.quick else "1,16,128")).split(",")]
     sparsities = (args.sparsities or ("0.5,0.7" if args.quick else ",".join(SPARSITIES))).split(",")
-    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    dtypes = args.dtypes.split(",")
+    paths = args.paths.split(",")
     reps = args.reps or (10 if args.quick else 20)
     cold = 0 if args.hot else args.cold_mib * 2**20
 
@@ -131,27 +138,33 @@ def main() -> None:
                 dense[f"torch {name}"] = per_call([lambda w=w, x=x: torch.nn.functional.linear(x, w) for w in ws],
                                                   reps)
                 layers = [SparseLinear(w, None, "dense") for w in ws]
-                dense[f"kernel {name}"] = per_call([lambda lay=lay, x=x: lay(x) for lay in layers], reps)
+                for path in paths:
+                    with use_path(path):
+                        label = f"kernel {name}" + (f" {path}" if len(paths) > 1 else "")
+                        dense[label] = per_call([lambda lay=lay, x=x: lay(x) for lay in layers], reps)
                 del ws, layers
             fastest_name = min(dense, key=dense.get)
             fastest = dense[fastest_name]
-            dense_rows.append([f"{n}x{k}", str(m)] + [f"{dense[c] * 1e6:.0f}" for c in
-                              ("torch float32", "torch bfloat16", "kernel float32", "kernel bfloat16")]
-                              + [fastest_name])
+            dense_rows.append([f"{n}x{k}", str(m)] + [f"{dense[c] * 1e6:.0f}" for c in dense] + [fastest_name])
             results.append({"shape": [n, k], "batch": m, "dense_s": dense})
             print(f"{n}x{k} batch {m}: dense done", file=sys.stderr, flush=True)
             for sparsity in sparsities:
                 w32 = pruned(base, sparsity)
-                for dt in dtypes:
+                for spec in dtypes:
+                    dt = torch.bfloat16 if spec == "int8" else getattr(torch, spec)
+                    quantize = "int8" if spec == "int8" else None
                     w, x = w32.to(dt), x32.to(dt)
-                    layer = SparseLinear(w, None, "bitmask")
+                    layer = SparseLinear(w, None, "bitmask", quantize=quantize)
                     nbytes = layer.nbytes
-                    layers = [layer] + [SparseLinear(w, None, "bitmask")
+                    layers = [layer] + [SparseLinear(w, None, "bitmask", quantize=quantize)
                                         for _ in range(copies_for(nbytes, cold) - 1)]
-                    t = per_call([lambda lay=lay, x=x: lay(x) for lay in layers], reps)
+                    times = {}
+                    for path in paths:
+                        with use_path(path):
+                            times[path] = per_call([lambda lay=lay, x=x: lay(x) for lay in layers], reps)
                     del layers
                     csr_t = None
-                    if not args.no_csr and sparsity != "0":
+                    if not args.no_csr and sparsity != "0" and quantize is None:
                         try:
                             csrs = [w.to_sparse_csr() for _ in range(copies_for(nbytes, cold))]
                             csr_t = per_call([lambda c=c, x=x: torch.sparse.mm(c, x.t()).t() for c in csrs],
@@ -159,24 +172,25 @@ def main() -> None:
                             del csrs
                         except (RuntimeError, NotImplementedError):
                             csr_t = None
-                    name = str(dt).removeprefix("torch.")
-                    sparse_rows.append([
-                        f"{n}x{k}", str(m), name, sparsity, f"{t * 1e6:.0f}", f"{fastest / t:.2f}x",
-                        f"{nbytes / t / 1e9:.1f}", f"{nbytes / bandwidth / t:.0%}",
-                        f"{csr_t * 1e6:.0f}" if csr_t else "-",
-                    ])
-                    results.append({"shape": [n, k], "batch": m, "dtype": name, "sparsity": sparsity, "seconds": t,
-                                    "bytes": nbytes, "csr_seconds": csr_t, "fastest_dense": fastest_name,
-                                    "fastest_dense_s": fastest})
+                    for path, t in times.items():
+                        sparse_rows.append([
+                            f"{n}x{k}", str(m), spec, path, sparsity, f"{t * 1e6:.0f}", f"{fastest / t:.2f}x",
+                            f"{nbytes / t / 1e9:.1f}", f"{nbytes / bandwidth / t:.0%}",
+                            f"{csr_t * 1e6:.0f}" if csr_t else "-",
+                        ])
+                        results.append({"shape": [n, k], "batch": m, "dtype": spec, "path": path,
+                                        "sparsity": sparsity, "seconds": t, "bytes": nbytes, "csr_seconds": csr_t,
+                                        "fastest_dense": fastest_name, "fastest_dense_s": fastest})
             print(f"{n}x{k} batch {m}: sparse done", file=sys.stderr, flush=True)
     print("Dense baselines (µs):")
-    print_table(["shape", "batch", "torch fp32", "torch bf16", "kernel fp32", "kernel bf16", "fastest"], dense_rows,
-                args.markdown)
+    dense_names = [c for c in results[0]["dense_s"]] if results else []
+    print_table(["shape", "batch", *dense_names, "fastest"], dense_rows, args.markdown)
     print("\nSparse bitmask kernels:")
-    print_table(["shape", "batch", "dtype", "sparsity", "µs", "x dense", "GB/s", "of bound", "torch CSR µs"],
+    print_table(["shape", "batch", "values", "path", "sparsity", "µs", "x dense", "GB/s", "of bound", "torch CSR µs"],
                 sparse_rows, args.markdown)
     print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s (torch.sum, 512 MiB); threads {torch.get_num_threads()}; "
-          f"avx2 {facts['avx2']}, openmp {facts['openmp']}, path {facts['path']}; best of {reps} passes; "
+          f"avx2 {facts['avx2']}, avx512 {facts['avx512']}, avx512_vbmi2 {facts['avx512_vbmi2']}, openmp "
+          f"{facts['openmp']}, paths {','.join(paths)}; best of {reps} passes; "
           + ("weights reused (cache-hot)" if args.hot else f"each pass cycles through {args.cold_mib} MiB of weight "
              "copies (every call reads its weight from memory)"))
     if args.json:
