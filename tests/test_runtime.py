@@ -119,6 +119,20 @@ def test_logits_equal_the_model_forward():
         torch.testing.assert_close(got, ref[6], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["fast", pytest.param("native", marks=needs_kernels)])
+def test_cache_grows_without_losing_positions(kind):
+    """forward past the reserved length grows the KV cache and keeps what it held."""
+    model = tiny("llama")
+    ids = prompt(7)
+    decoder = decoder_for(model, kind)
+    decoder.reset(3)
+    with torch.inference_mode():
+        ref = model(ids[None]).logits[0]
+        decoder.forward(ids[:3], 0)
+        torch.testing.assert_close(decoder.forward(ids[3:], 3), ref[6], rtol=1e-5, atol=1e-5)
+    assert decoder.capacity == 7
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "opt"])
 def test_other_architectures_use_the_model_forward(arch):
     model = build_model(arch)

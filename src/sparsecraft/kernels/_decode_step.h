@@ -96,8 +96,10 @@ static PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_ValueError, "decode_step: token or position out of range, or inconsistent heads");
         return NULL;
     }
-    if (path == PATH_AUTO) path = have_avx512() ? PATH_AVX512 : have_avx2() ? PATH_AVX2 : PATH_SCALAR;
-    const int64_t pad = 64, wide = ((E > H * D ? E : H * D) > I ? (E > H * D ? E : H * D) : I) + pad;
+    path = resolve_path(path);
+    const int64_t pad = 64;
+    int64_t wide = E > H * D ? E : H * D; /* the longest activation vector, plus zero padding */
+    wide = (wide > I ? wide : I) + pad;
     /* x (residual), xn (normed input, padded), q, k, v, att (padded), g, u (padded), scores */
     float *buf = (float *)sc_aligned_alloc((size_t)(6 * wide + 2 * I + pad + H * T) * sizeof(float));
     if (!buf) return PyErr_NoMemory();

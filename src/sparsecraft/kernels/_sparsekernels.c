@@ -214,6 +214,12 @@ static int have_vbmi2(void) {
 #endif
 }
 
+/* PATH_AUTO -> the widest path the CPU has (AVX-512, then AVX2, then scalar); other paths unchanged */
+static int resolve_path(int path) {
+    if (path != PATH_AUTO) return path;
+    return have_avx512() ? PATH_AVX512 : have_avx2() ? PATH_AVX2 : PATH_SCALAR;
+}
+
 /* ------------------------------------------------------------------ driver */
 typedef void (*RunFn)(const Job *, int64_t, int64_t);
 
@@ -324,7 +330,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_ValueError, "matmul: inconsistent arguments");
         return NULL;
     }
-    if (path == PATH_AUTO) path = have_avx512() ? PATH_AVX512 : have_avx2() ? PATH_AVX2 : PATH_SCALAR;
+    path = resolve_path(path);
     if ((path == PATH_AVX2 && !have_avx2()) || ((path == PATH_AVX512 || path == PATH_AVX512F) && !have_avx512()) ||
         path < PATH_AUTO || path > PATH_AVX512F) {
         PyErr_SetString(PyExc_RuntimeError, "matmul: the requested vector path is missing on this CPU (or build)");

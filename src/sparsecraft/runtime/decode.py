@@ -264,6 +264,20 @@ class LlamaFamilyDecoder(Decoder):
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.capacity = 0
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+
+    def _grow_cache(self, max_length: int, layers: int, dtype: torch.dtype) -> None:
+        """KV caches [kv_heads, max_length, head_dim] per layer; growing keeps the positions already written."""
+        if max_length <= self.capacity:
+            return
+        shape = (self.kv_heads, max_length, self.head_dim)
+        for caches in (self.k_cache, self.v_cache):
+            old = list(caches)
+            caches[:] = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
+            for new, kept in zip(caches, old):
+                new[:, :kept.shape[1]] = kept
+        self.capacity = max_length
 
 
 class FastDecoder(LlamaFamilyDecoder):
@@ -276,8 +290,6 @@ class FastDecoder(LlamaFamilyDecoder):
         self._bind()
         self.dtype = self.embed.dtype
         self.gqa = self.kv_heads != self.heads
-        self.k_cache: list[torch.Tensor] = []
-        self.v_cache: list[torch.Tensor] = []
 
     def _bind(self) -> None:
         """Look up the model's modules and tensors (again: `sparsify_model` may have swapped layers since)."""
@@ -292,11 +304,7 @@ class FastDecoder(LlamaFamilyDecoder):
         """Bind the model's current layers and make room for max_length positions (the cache grows, never
         shrinks; old entries are overwritten)."""
         self._bind()
-        if max_length > self.capacity:
-            shape = (self.kv_heads, max_length, self.head_dim)
-            self.k_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.blocks]
-            self.v_cache = [torch.zeros(shape, dtype=self.dtype) for _ in self.blocks]
-            self.capacity = max_length
+        self._grow_cache(max_length, len(self.blocks), self.dtype)
 
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_cache + self.v_cache)

@@ -92,11 +92,7 @@ class NativeDecoder(LlamaFamilyDecoder):
             keep.append(t)
             return t
 
-        if max_length > self.capacity:
-            shape = (self.kv_heads, max_length, self.head_dim)
-            self.k_cache = [torch.zeros(shape) for _ in inner.layers]
-            self.v_cache = [torch.zeros(shape) for _ in inner.layers]
-            self.capacity = max_length
+        self._grow_cache(max_length, len(inner.layers), torch.float32)
         layers = []
         eps = {float(layer.input_layernorm.variance_epsilon) for layer in inner.layers} | \
             {float(layer.post_attention_layernorm.variance_epsilon) for layer in inner.layers}
