@@ -85,13 +85,13 @@ def test_model_dir_with_broken_weights(capsys, prune_args, tmp_path, llama_dir):
 def test_calibration_text_too_short(capsys, prune_args, tmp_path):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("only a few words here\n")
-    args = prune_args("--seqlen", "512")
+    args = prune_args("--seqlen", "100")
     args[args.index("--data") + 1] = str(tiny)
     rc = main(args)
     captured = capsys.readouterr()
     warning, error = captured.err.strip().splitlines()  # the text is too small to hold any out, then too short
     assert rc == 2 and warning.startswith("sparsecraft: warning: ") and "too small to hold text out" in warning
-    assert error.startswith(ERROR_PREFIX) and "shorter than one window of 512" in error
+    assert error.startswith(ERROR_PREFIX) and "shorter than one window of 100" in error
     assert not prune_args.out.exists()
 
 
@@ -136,9 +136,9 @@ def test_eval_errors(capsys, tmp_path, llama_dir, text_file):
     assert_one_line_error(capsys, rc, "does not exist")
     rc = main(["eval", str(llama_dir), "--data", str(text_file), "--seqlen", "32", "--max-eval-windows", "0",
                "--quiet"])
-    assert_one_line_error(capsys, rc, "max_windows")
+    assert_one_line_error(capsys, rc, "--max-eval-windows")
     rc = main(["eval", str(llama_dir), "--data", str(text_file), "--seqlen", "100000", "--quiet"])
-    assert_one_line_error(capsys, rc, "shorter than one window")
+    assert_one_line_error(capsys, rc, "longer than the model's context")
 
 
 def test_warnings_are_one_line(capsys, tmp_path, llama_dir):

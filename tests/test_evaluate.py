@@ -59,4 +59,8 @@ def test_evaluate_api(tiny_llama):
     with pytest.raises(ConfigError):
         sparsecraft.evaluate(tiny_llama, tokens, seqlen=32, max_windows=0, progress=False)
     with pytest.raises(DataError):
+        sparsecraft.evaluate(tiny_llama, tokens[:50], seqlen=100, progress=False)
+    with pytest.raises(ConfigError, match="longer than the model's context"):
         sparsecraft.evaluate(tiny_llama, tokens, seqlen=512, progress=False)
+    with pytest.raises(ConfigError, match="batch size"):
+        sparsecraft.evaluate(tiny_llama, tokens, seqlen=32, batch_size=0, progress=False)

@@ -13,7 +13,7 @@ from .checkpoint import METADATA_FILE, RECIPE_FILE, read_metadata, save_model
 from .data import TextSplits, calibration_batch, evaluation_windows, load_text, tokenize
 from .errors import ConfigError, DataError
 from .evaluate import layer_sparsity, overall_sparsity, perplexity
-from .models import find_blocks, load_model
+from .models import check_causal, check_context, find_blocks, load_model
 from .moe import experts_split
 from .pruning import PruneReport, prune_model
 from .recipe import Recipe
@@ -63,6 +63,10 @@ def prune(model: nn.Module | str, calibration="builtin", recipe: Recipe | dict |
 
 def _prune(model: nn.Module, calibration, recipe: Recipe, tokenizer, device, progress: bool) -> PruneReport:
     ids = tokens = None
+    if recipe.needs_data:
+        check_context(model, calibration.shape[-1] if isinstance(calibration, torch.Tensor) else recipe.seqlen)
+        check_causal(model, "calibration statistics are drawn as for next-token prediction, which it does not do",
+                     error=False)
     if recipe.needs_data and isinstance(calibration, torch.Tensor):
         ids = calibration_ids(calibration, tokenizer, recipe)
     elif recipe.needs_data:
@@ -103,9 +107,13 @@ def evaluate(model: nn.Module, data="builtin", *, tokenizer=None, seqlen: int = 
              max_windows: int | None = None, progress: bool = True) -> dict:
     """Held-out perplexity over non-overlapping windows of `data`'s evaluation part, plus sparsity."""
     is_ids = isinstance(data, torch.Tensor)
-    tokens = data.reshape(-1) if is_ids else tokenize(tokenizer, _splits(data).evaluation)
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
         raise ConfigError(f"evaluation seqlen must be an integer >= 2, got {seqlen!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"evaluation batch size must be an integer >= 1 (--eval-batch-size), got {batch_size!r}")
+    check_context(model, seqlen)
+    check_causal(model, "its perplexity would score predictions made from the tokens they predict")
+    tokens = data.reshape(-1) if is_ids else tokenize(tokenizer, _splits(data).evaluation)
     windows = evaluation_windows(tokens, seqlen)
     if max_windows is not None:
         if max_windows < 1:

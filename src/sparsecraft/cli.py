@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+import traceback
 import warnings
 
-from .errors import SparsecraftError
+from .cli_args import finite_float
+from .errors import ConfigError, SparsecraftError
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +29,7 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="HF model directory, .gguf file, or 'default' (SmolLM2-135M)")
     p.add_argument("--recipe", default=None, help="YAML recipe; flags given here override its values")
     p.add_argument("--method", default=None, help=f"one of: {', '.join(method_names())} (default wanda)")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction of zeros in [0, 1) (implied by N:M)")
+    p.add_argument("--sparsity", type=finite_float, default=None, help="fraction of zeros in [0, 1) (implied by N:M)")
     p.add_argument("--pattern", default=None, help="unstructured (default) or N:M, e.g. 2:4 or 4:8")
     p.add_argument("--targets", action="append", default=None, help="regex of layer names to prune (repeatable)")
     p.add_argument("--ignore", action="append", default=None, help="regex of layer names to skip (repeatable)")
@@ -34,14 +37,15 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default 512)")
     p.add_argument("--seed", type=int, default=None, help="seed for drawing calibration windows (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="calibration windows per forward (default 8)")
-    p.add_argument("--damp", type=float, default=None, help="SparseGPT dampening, fraction of mean diag(H)")
+    p.add_argument("--damp", type=finite_float, default=None, help="SparseGPT dampening, fraction of mean diag(H)")
     p.add_argument("--blocksize", type=int, default=None, help="SparseGPT column block size (default 128)")
     p.add_argument("--allocation", default=None, choices=["uniform", "owl", "search"],
                    help="per-layer sparsity: uniform (default), owl (outlier-weighed) or search (evolutionary, KL to "
                         "the dense model, see `sparsecraft search`); the overall sparsity is kept exact")
     p.add_argument("--search-budget", default=None, help="allocation=search: time for the search (90s, 20m, 1h)")
-    p.add_argument("--owl-lambda", type=float, default=None, help="OWL spread: layer sparsity in s +- lambda (0.08)")
-    p.add_argument("--owl-m", type=float, default=None, help="OWL outlier threshold, x mean score (5)")
+    p.add_argument("--owl-lambda", type=finite_float, default=None,
+                   help="OWL spread: layer sparsity in s +- lambda (0.08)")
+    p.add_argument("--owl-m", type=finite_float, default=None, help="OWL outlier threshold, x mean score (5)")
     p.add_argument("--refine", default=None,
                    help="refinements after the method, comma-separated, in order: dsnot (mask), refit (weights)")
     p.add_argument("--dense-targets", action="store_true", default=None,
@@ -54,16 +58,20 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
                         "(default) or from every calibration token (covers rarely picked experts; the block's "
                         "output still uses the routed experts only)")
     p.add_argument("--dsnot-cycles", type=int, default=None, help="DSnoT: at most this many swaps per row (50)")
-    p.add_argument("--dsnot-threshold", type=float, default=None, help="DSnoT: stop a row at |shift| <= this (0.1)")
+    p.add_argument("--dsnot-threshold", type=finite_float, default=None,
+                   help="DSnoT: stop a row at |shift| <= this (0.1)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", default=None, help="load the model in float32, bfloat16 or float16")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-eval", action="store_true", help="skip the dense and sparse perplexity evaluation")
+    p.add_argument("--allow-large", action="store_true",
+                   help="run searches (and sweeps) larger than sparsecraft's sane bounds (see README)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsecraft", description="Make LLMs sparse, small and fast.")
+    parser = _Parser(prog="sparsecraft", description="Make LLMs sparse, small and fast.")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="one-shot prune a model with calibration data")
@@ -74,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(= prune --allocation search)")
     _add_prune_args(s)
     s.add_argument("--budget", default=None, help="time for the search (database + evolution): 90s, 20m (default), 1h")
-    s.add_argument("--step", type=float, default=None, help="sparsity step between a block's levels (0.05)")
+    s.add_argument("--step", type=finite_float, default=None, help="sparsity step between a block's levels (0.05)")
     s.add_argument("--max-steps", type=int, default=None, help="levels on each side of the target (3)")
     s.add_argument("--fitness-samples", type=int, default=None, help="calibration windows scoring each candidate (4)")
     s.add_argument("--offspring", type=int, default=None, help="candidates per generation (8)")
@@ -110,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_kernels import add_parsers as add_kernel_parsers  # `bench` and `generate` (CPU sparse kernels)
 
     add_kernel_parsers(sub)
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="print the traceback of an unexpected error")
     return parser
 
 
@@ -143,16 +154,19 @@ def _prune(args, recipe) -> int:
     """Load, (search,) prune, evaluate, save and print the table — shared by `prune` and `search`."""
     from . import api
     from .checkpoint import check_output
+    from .cli_args import check_eval_args, check_search_size
     from .models import load_model, resolve_device
     from .report import format_table
 
-    out = check_output(args.out, args.force)
+    out = check_output(args.out, args.force, what="--out", create_parents=False)
+    check_eval_args(args)
+    check_search_size(recipe, args.allow_large)
     device = resolve_device(args.device)
     progress = not args.quiet
     t0 = time.perf_counter()
+    splits = api.load_text(recipe.data)  # bad text fails before the model loads
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(device)
-    splits = api.load_text(recipe.data)
     load_s = time.perf_counter() - t0
 
     def evaluate() -> dict:
@@ -185,15 +199,24 @@ def _prune(args, recipe) -> int:
 
 def cmd_eval(args) -> int:
     from . import api
-    from .checkpoint import read_metadata, write_json_atomic
+    from .checkpoint import check_output_file, read_metadata, write_json_atomic
+    from .cli_args import check_eval_args
     from .models import load_model
     from .report import format_table
 
+    if args.json:
+        check_output_file(args.json, "--json")
+    check_eval_args(args)
+    if args.seqlen < 2:
+        raise ConfigError(f"--seqlen must be >= 2 (a window predicts its tokens from the ones before), got "
+                          f"{args.seqlen}")
+    meta = read_metadata(args.model) if args.model != "default" and os.path.isdir(args.model) else {}
+    splits = api.load_text(args.data or "builtin")  # bad text fails before the model loads
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    result = api.evaluate(model, args.data or "builtin", tokenizer=tokenizer, seqlen=args.seqlen,
+    result = api.evaluate(model, splits, tokenizer=tokenizer, seqlen=args.seqlen,
                           batch_size=args.eval_batch_size, max_windows=args.max_eval_windows,
                           progress=not args.quiet)
-    meta = read_metadata(args.model) if args.model != "default" else {}
+    result["data"] = str(args.data or "builtin")  # as given, as before
     if args.layers:
         print(format_table(["layer", "shape", "sparsity"],
                            [[n, "x".join(map(str, v["shape"])), f"{v['sparsity']:.2%}"]
@@ -210,8 +233,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from .checkpoint import check_output
     from .compressed import export
 
+    check_output(args.out, args.force, what="--out", create_parents=False)
     t0 = time.perf_counter()
     r = export(args.src, args.out, args.format, force=args.force, dtype=args.dtype)
     ratio = r.stored_bytes / r.dense_bytes if r.dense_bytes else 0.0
@@ -222,27 +247,127 @@ def cmd_export(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from transformers.utils import logging as hf_logging
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a bad flag raises UsageError (exit 2 through `main`) instead of printing the
+    usage block and exiting."""
 
-    bars = hf_logging.is_progress_bar_enabled()
-    if args.quiet:  # also silence transformers' own bars ("Loading weights")
-        hf_logging.disable_progress_bar()
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class UsageError(SparsecraftError):
+    """A command line argparse cannot parse."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the process is, so that every cleanup a Ctrl-C runs runs for them too."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+@contextlib.contextmanager
+def _termination_as_interrupt():
+    """While a command runs (main thread only): SIGTERM and SIGHUP raise Terminated; a second one while cleaning up
+    is ignored, so the cleanup finishes."""
+    import signal
+    import threading
+
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = []
+
+    def handler(signum, frame):
+        if not raised:
+            raised.append(signum)
+            raise Terminated(signum)
+
+    previous = {}
+    for name in names:
+        sig = getattr(signal, name)
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except (OSError, ValueError):
+            pass
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
-            return _run(args)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command. Foreseen failures (SparsecraftError, unreadable or unwritable files) print one line and
+    return 2; anything else prints one line and returns 1 (`--debug` prints the traceback too); Ctrl-C, SIGTERM and
+    SIGHUP clean up and return 128 + the signal number."""
+    from .checkpoint import WRITTEN
+
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    bars = None
+    WRITTEN.clear()
+    try:
+        with _termination_as_interrupt():
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            debug = debug or getattr(args, "debug", False)
+            from transformers.utils import logging as hf_logging
+
+            bars = hf_logging.is_progress_bar_enabled()
+            if getattr(args, "quiet", False):  # also silence transformers' own bars ("Loading weights")
+                hf_logging.disable_progress_bar()
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                return _run(args)
     except SparsecraftError as exc:
-        print(f"sparsecraft: error: {exc}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"sparsecraft: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sparsecraft: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        done = [str(p) for p in dict.fromkeys(WRITTEN) if p.exists()]
+        what = f"wrote only {', '.join(done)}" if done else "nothing was written"
+        how = f"terminated ({exc})" if isinstance(exc, Terminated) else "interrupted"
+        print(f"sparsecraft: {how}; {what}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
+    except MemoryError:
+        if debug:
+            traceback.print_exc()
+        print("sparsecraft: error: out of memory: use a smaller model, --batch-size, --nsamples or --seqlen",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file that cannot be read or written (disk full, permissions, ...)
+        if debug:
+            traceback.print_exc()
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"sparsecraft: error: {exc.strerror or _first_line(exc)}{where}: check the path, its permissions and "
+              "free space", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - the one place that turns a bug into one line
+        if debug:
+            traceback.print_exc()
+        print(f"sparsecraft: error: unexpected {type(exc).__name__}: {_first_line(exc)} (run with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
     finally:
         if bars:
+            from transformers.utils import logging as hf_logging
+
             hf_logging.enable_progress_bar()
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

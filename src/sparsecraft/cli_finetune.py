@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .cli_args import finite_float
+
 
 def add_parser(sub, add_data_args) -> None:
     from .recovery.config import DISTILL_PRESETS, LR_SCHEDULES, PRECISIONS, SCHEDULES, SCORES
@@ -24,16 +26,16 @@ def add_parser(sub, add_data_args) -> None:
     f.add_argument("--steps", type=int, default=None, help="optimizer steps (200)")
     f.add_argument("--distill", default=None, choices=list(DISTILL_PRESETS),
                    help="loss preset: none = CE, kd = CE + KD, squarehead = CE + KD + SquareHead (default)")
-    f.add_argument("--ce-weight", type=float, default=None, help="weight of the cross-entropy loss")
-    f.add_argument("--kd-weight", type=float, default=None, help="weight of the logit KL loss")
-    f.add_argument("--squarehead-weight", type=float, default=None, help="weight of the SquareHead loss")
-    f.add_argument("--temperature", type=float, default=None, help="KD temperature (1)")
+    f.add_argument("--ce-weight", type=finite_float, default=None, help="weight of the cross-entropy loss")
+    f.add_argument("--kd-weight", type=finite_float, default=None, help="weight of the logit KL loss")
+    f.add_argument("--squarehead-weight", type=finite_float, default=None, help="weight of the SquareHead loss")
+    f.add_argument("--temperature", type=finite_float, default=None, help="KD temperature (1)")
     f.add_argument("--schedule", default=None, choices=list(SCHEDULES),
                    help="constant: keep the student's zeros (default); gmp: prune gradually (cubic schedule); "
                         "dense: train every weight, no mask (e.g. adapt a dense teacher to the data first)")
-    f.add_argument("--sparsity", type=float, default=None, help="gmp: final fraction of zeros (implied by N:M)")
+    f.add_argument("--sparsity", type=finite_float, default=None, help="gmp: final fraction of zeros (implied by N:M)")
     f.add_argument("--pattern", default=None, help="gmp: unstructured (default) or N:M such as 2:4")
-    f.add_argument("--initial-sparsity", type=float, default=None, help="gmp: sparsity at --prune-start (0)")
+    f.add_argument("--initial-sparsity", type=finite_float, default=None, help="gmp: sparsity at --prune-start (0)")
     f.add_argument("--score", default=None, choices=list(SCORES), help="gmp: magnitude (default) or wanda scores")
     f.add_argument("--prune-start", type=int, default=None, help="gmp: first pruning step t0 (0)")
     f.add_argument("--prune-end", type=int, default=None, help="gmp: step T at which --sparsity is reached (3/4 of "
@@ -46,11 +48,11 @@ def add_parser(sub, add_data_args) -> None:
     f.add_argument("--seqlen", type=int, default=None, help="tokens per packed training window (512)")
     f.add_argument("--batch-size", type=int, default=None, help="windows per process per micro-batch (2)")
     f.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (1)")
-    f.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate (1e-4)")
-    f.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (0)")
+    f.add_argument("--lr", type=finite_float, default=None, help="peak AdamW learning rate (1e-4)")
+    f.add_argument("--weight-decay", type=finite_float, default=None, help="AdamW weight decay (0)")
     f.add_argument("--lr-schedule", default=None, choices=list(LR_SCHEDULES), help="decay after warmup (cosine)")
     f.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (5%% of --steps)")
-    f.add_argument("--max-grad-norm", type=float, default=None, help="gradient clipping, 0 = off (1.0)")
+    f.add_argument("--max-grad-norm", type=finite_float, default=None, help="gradient clipping, 0 = off (1.0)")
     f.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="auto: bf16 on a GPU that supports it, else fp32")
     f.add_argument("--seed", type=int, default=None, help="seed of the batch order and of torch (0)")
@@ -69,12 +71,19 @@ def add_parser(sub, add_data_args) -> None:
 
 def cmd_finetune(args) -> int:
     from .api import peak_rss_mb
-    from .checkpoint import check_output
+    from .checkpoint import check_output, check_writable
+    from .cli_args import check_positive
+    from .errors import OutputError
     from .recovery import make_config
     from .recovery.trainer import finetune
     from .report import format_table
 
-    out = check_output(args.out, args.force)
+    out = check_output(args.out, args.force, what="--out", create_parents=False)
+    check_positive("--max-eval-windows", args.max_eval_windows)
+    if args.checkpoint_dir:
+        ckpt_arg = check_writable(args.checkpoint_dir, "--checkpoint-dir", create_parents=True)
+        if ckpt_arg.exists() and not ckpt_arg.is_dir():
+            raise OutputError(f"--checkpoint-dir {ckpt_arg} is not a directory: choose another path")
     config = make_config(
         args.config, steps=args.steps, distill=args.distill, ce_weight=args.ce_weight, kd_weight=args.kd_weight,
         squarehead_weight=args.squarehead_weight, temperature=args.temperature, schedule=args.schedule,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_args import check_seed, finite_float
+
 
 def add_parsers(sub) -> None:
     b = sub.add_parser("bench", help="decode tokens/s: torch generate vs the lean loop on sparsecraft's CPU kernels "
@@ -15,7 +17,7 @@ def add_parsers(sub) -> None:
     b.add_argument("--prompt", default=None, help="prompt (default: a fixed sentence)")
     b.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    b.add_argument("--min-sparsity", type=float, default=None,
+    b.add_argument("--min-sparsity", type=finite_float, default=None,
                    help="layers with at least this fraction of zeros use the bitmask format (default 0.25)")
     b.add_argument("--repeats", type=int, default=1, help="timed runs per row, best kept (default 1)")
     b.add_argument("--kernel-dense", action="store_true",
@@ -36,9 +38,10 @@ def add_parsers(sub) -> None:
     g.add_argument("model", help="model directory, .gguf file or 'default'")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    g.add_argument("--temperature", type=finite_float, default=0.0, help="0 (default): greedy; > 0: sample")
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
-    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set reaching this probability")
+    g.add_argument("--top-p", type=finite_float, default=1.0,
+                   help="sample from the smallest set reaching this probability")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
@@ -83,6 +86,12 @@ def cmd_bench(args) -> int:
 
     if args.tokens < 2 or args.repeats < 1:
         raise ConfigError("--tokens must be >= 2 and --repeats >= 1")
+    if args.min_sparsity is not None and not 0.0 <= args.min_sparsity <= 1.0:
+        raise ConfigError(f"--min-sparsity is a fraction of zeros in [0, 1], got {args.min_sparsity}")
+    if args.json:
+        from .checkpoint import check_output_file
+
+        check_output_file(args.json, "--json")
     if args.vs not in (None, "llama.cpp"):
         raise ConfigError(f"--vs {args.vs!r} is not a peer sparsecraft can run: use --vs llama.cpp")
     peer = None
@@ -201,6 +210,7 @@ def cmd_generate(args) -> int:
 
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_seed("--seed", args.seed)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     model, tokenizer = _load(args)
     ids = _ids(tokenizer, args.prompt)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli_args import finite_float
 from .errors import ConfigError
 
 
@@ -29,7 +30,7 @@ def add_parsers(sub, add_prune_args, add_data_args) -> None:
                         "else sweep.json)")
     s.add_argument("--heatmap", default=None,
                    help="METHOD@SPARSITY (or METHOD@N:M) of the row whose per-layer sparsity the report shows")
-    s.add_argument("--knee-tolerance", type=float, default=None,
+    s.add_argument("--knee-tolerance", type=finite_float, default=None,
                    help="knee = largest sparsity whose perplexity stays within this x dense (1.5)")
     s.add_argument("--resume", action="store_true", help="keep the finished rows of an existing --json table")
     s.add_argument("--force", action="store_true", help="replace an existing --json table")
@@ -42,7 +43,7 @@ def add_parsers(sub, add_prune_args, add_data_args) -> None:
     r.add_argument("--html", default=None, help="write a self-contained HTML report to this file")
     r.add_argument("--json", default=None, help="also write the measured per-layer table to this JSON file")
     r.add_argument("--heatmap", default=None, help="sweep tables: METHOD@SPARSITY of the row to show per layer")
-    r.add_argument("--knee-tolerance", type=float, default=None, help="sweep tables: knee limit, x dense (1.5)")
+    r.add_argument("--knee-tolerance", type=finite_float, default=None, help="sweep tables: knee limit, x dense (1.5)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -61,6 +62,8 @@ def _tolerance(value: float | None) -> float | None:
 
 
 def cmd_sweep(args) -> int:
+    from .checkpoint import check_output_file
+    from .cli_args import MAX_SWEEP_ROWS, check_eval_args, check_search_size, check_sweep_size
     from .html_report import sweep_html, write_text_atomic
     from .models import resolve_device
     from .report import format_table
@@ -84,18 +87,22 @@ def cmd_sweep(args) -> int:
     if args.resume and args.force:
         raise ConfigError("--resume keeps the finished rows and --force discards them: pass one of them")
     tolerance = _tolerance(args.knee_tolerance) or DEFAULT_KNEE_TOLERANCE
-    rows = plan_rows(parse_methods(args.methods), parse_sparsities(args.sparsities), args.pattern)
+    limit = None if args.allow_large else MAX_SWEEP_ROWS
+    rows = plan_rows(parse_methods(args.methods), parse_sparsities(args.sparsities, limit), args.pattern)
+    check_sweep_size(len(rows), args.allow_large)
     base = _base_recipe(args)
-    report = Path(args.report).expanduser() if args.report else None
+    check_search_size(base, args.allow_large)
+    check_eval_args(args)
+    report = check_output_file(args.report, "--report") if args.report else None
     json_path = Path(args.json).expanduser() if args.json else (report.with_suffix(".json") if report
                                                                  else Path("sweep.json"))
+    json_path = check_output_file(json_path, "--json")
     if report is not None and report.resolve() == json_path.resolve():
         raise ConfigError(f"--report and --json are the same file {report}: give the report an .html name")
     check_outputs(json_path, report, args.force, args.resume)
     if args.heatmap:  # a clear error now rather than after the sweep
         find_row({"rows": [{"key": r.key, "method": r.method, "pattern": r.pattern, "sparsity": r.sparsity}
                            for r in rows]}, args.heatmap)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
 
     def on_row(row: dict, bar) -> None:
@@ -108,10 +115,11 @@ def cmd_sweep(args) -> int:
                          device=device, eval_seqlen=base.seqlen, eval_batch_size=args.eval_batch_size,
                          max_eval_windows=args.max_eval_windows, resume=args.resume, progress=not args.quiet,
                          knee_tolerance=tolerance, on_row=on_row)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         kept = "finished rows are kept in " + str(json_path) if json_path.exists() else "no row finished"
-        print(f"sparsecraft: interrupted; {kept} (continue with --resume)", file=sys.stderr)
-        return 130
+        how = f"terminated ({exc})" if getattr(exc, "signum", None) else "interrupted"
+        print(f"sparsecraft: {how}; {kept} (continue with --resume)", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     print(format_table(SUMMARY_HEADERS, summary_rows(data)))
     _print_knees(data, tolerance)
     print(f"sweep table: {json_path}")
@@ -136,12 +144,18 @@ def _print_knees(data: dict, tolerance: float | None) -> None:
 
 
 def cmd_report(args) -> int:
-    from .checkpoint import write_json_atomic
+    from .checkpoint import check_output_file, write_json_atomic
     from .html_report import dir_html, dir_rows, dir_summary, measure_dir, sweep_html, write_text_atomic
     from .report import format_table
 
     path = Path(args.path).expanduser()
     tolerance = _tolerance(args.knee_tolerance)
+    for flag in ("--html", "--json"):
+        value = getattr(args, flag[2:])
+        if value:
+            check_output_file(value, flag)
+    if args.html and args.json and Path(args.html).expanduser().resolve() == Path(args.json).expanduser().resolve():
+        raise ConfigError(f"--html and --json are the same file {args.html}: give them different names")
     if path.suffix == ".json" and not path.is_dir():
         from .sweep import SUMMARY_HEADERS, load_sweep, summary_rows
 

@@ -142,7 +142,31 @@ def file_splits(path: Path) -> TextSplits:
         docs = _documents(path)
     if not any(doc.strip() for doc in docs):
         raise DataError(f"text file {path} is empty")
+    check_printable(str(path), docs)
     return split_documents(str(path), docs)
+
+
+NONPRINTABLE_ERROR = 0.25  # a fraction of the non-whitespace characters: above it, the text is refused
+NONPRINTABLE_WARNING = 0.02  # ... above this, a warning
+
+
+def check_printable(name: str, docs: list[str], sample: int = 1_000_000) -> None:
+    """Text that is mostly control characters (a file of NUL bytes, a binary file that happens to be UTF-8) would
+    calibrate and evaluate on noise: refuse it, and warn when a noticeable part of it is such characters."""
+    text = "".join(docs)
+    if len(text) > sample:  # an even sample of the whole text
+        text = text[:: len(text) // sample]
+    chars = [c for c in text if not c.isspace()]
+    if not chars:
+        return
+    bad = sum(not c.isprintable() for c in chars)
+    fraction = bad / len(chars)
+    if fraction > NONPRINTABLE_ERROR:
+        raise DataError(f"{name} is not text: {fraction:.0%} of its characters are control characters (NUL and the "
+                        "like); pass a natural-language text file")
+    if fraction > NONPRINTABLE_WARNING:
+        warnings.warn(f"{name}: {fraction:.1%} of its characters are control characters; calibration and "
+                      "evaluation read them as text", UserWarning, stacklevel=3)
 
 
 _HF_DATASETS = {

@@ -23,3 +23,7 @@ class OutputError(SparsecraftError):
 
 class KernelError(SparsecraftError):
     """The sparse kernels are not built, or were given an input they cannot run (dtype, device, shape)."""
+
+
+class TrainingError(SparsecraftError):
+    """Fine-tuning stopped because it diverged (NaN or exploding loss or weights); nothing was saved."""

@@ -357,6 +357,9 @@ def measure_dir(path: str | Path) -> dict:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a model directory (no config.json): pass a directory written by "
                          "sparsecraft prune --out")
+    from .models import check_model_files
+
+    check_model_files(path)
     meta = read_metadata(path)
     recorded = meta.get("layers") or {}
     recipe = meta.get("recipe") or {}

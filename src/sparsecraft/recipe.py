@@ -11,6 +11,7 @@ from .patterns import Pattern, PatternSparsity, resolve_sparsity
 from .yamlconfig import YamlConfig
 
 MOE_CALIBRATIONS = ("routed", "all")
+SEED_RANGE = (-(2**63), 2**64 - 2)  # torch.Generator.manual_seed's range, less one (the search draws with seed + 1)
 
 
 @dataclass
@@ -24,6 +25,8 @@ class Recipe(PatternSparsity, YamlConfig):
     """
 
     KIND: ClassVar[str] = "recipe"
+    ALSO_ACCEPTS: ClassVar[dict[str, tuple]] = {"refine": (str, type(None)), "targets": (str,), "ignore": (str,),
+                                                "search_budget": (int, float)}
 
     method: str = "wanda"
     sparsity: float | None = None  # None: implied by an N:M pattern, else 0.5
@@ -54,6 +57,7 @@ class Recipe(PatternSparsity, YamlConfig):
     moe_calibration: str = "routed"  # MoE experts' statistics: routed (the tokens the router sends) or all tokens
 
     def __post_init__(self) -> None:
+        self.check_types(self.__dict__)
         self.validate()
 
     @property
@@ -111,8 +115,11 @@ class Recipe(PatternSparsity, YamlConfig):
         self.overrides = {str(k): check_sparsity(v) for k, v in self.overrides.items()}
         if isinstance(self.dsnot_cycles, bool) or not isinstance(self.dsnot_cycles, int) or self.dsnot_cycles < 0:
             raise ConfigError(f"dsnot_cycles must be a non-negative integer, got {self.dsnot_cycles!r}")
-        if float(self.dsnot_threshold) < 0:
+        if not float(self.dsnot_threshold) >= 0:
             raise ConfigError(f"dsnot_threshold must be >= 0, got {self.dsnot_threshold}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ConfigError(f"seed {self.seed} is out of range: torch takes seeds from {SEED_RANGE[0]} to "
+                              f"{SEED_RANGE[1]} (seed + 1 draws the search's windows)")
         for name in ("nsamples", "seqlen", "batch_size", "blocksize", "search_max_steps", "search_fitness_samples",
                      "search_offspring"):
             value = getattr(self, name)

@@ -40,8 +40,9 @@ def row_key(method: str, pattern: str, sparsity: float) -> str:
     return f"{method}@{pattern if pattern != 'unstructured' else format(sparsity, 'g')}"
 
 
-def parse_sparsities(spec: str | None) -> list[float]:
-    """'a:b:step' (a to b inclusive, within float tolerance) or a comma list '0.5,0.6,0.7'."""
+def parse_sparsities(spec: str | None, max_values: int | None = None) -> list[float]:
+    """'a:b:step' (a to b inclusive, within float tolerance) or a comma list '0.5,0.6,0.7'; more than `max_values`
+    values is an error (before they are made)."""
     if spec is None or not str(spec).strip():
         return []
     text = str(spec).strip()
@@ -54,7 +55,13 @@ def parse_sparsities(spec: str | None) -> list[float]:
             start, stop, step = parts
             if not step > 0 or stop < start:
                 raise ConfigError(f"bad --sparsities {spec!r}: need STEP > 0 and STOP >= START; {hint}")
-            count = math.floor((stop - start) / step + 1e-6) + 1
+            span = (stop - start) / step
+            if not math.isfinite(span):
+                raise ConfigError(f"bad --sparsities {spec!r}: need finite START, STOP and STEP; {hint}")
+            count = math.floor(span + 1e-6) + 1
+            if max_values is not None and count > max_values:
+                raise ConfigError(f"--sparsities {spec!r} makes {count} sparsities, beyond the sane bound of "
+                                  f"{max_values} rows: use a coarser STEP, or pass --allow-large")
             values = [round(start + i * step, 10) for i in range(count)]
         else:
             values = [float(p) for p in text.split(",") if p.strip()]
@@ -205,12 +212,66 @@ def load_sweep(path: str | Path) -> dict:
     if not path.is_file():
         raise OutputError(f"sweep table {path} does not exist: run sparsecraft sweep first")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); re-run the sweep with --force") from None
     if not isinstance(data, dict) or data.get("format") != SWEEP_FORMAT or "rows" not in data:
         raise ConfigError(f"{path} is not a sparsecraft sweep table (format {SWEEP_FORMAT}): re-run the sweep")
+    check_table(data, path)
     return data
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_ROW_FIELDS = {"key": str, "method": str, "pattern": str, "sparsity": "number", "reached": "number",
+               "perplexity": "number?", "ratio": "number?", "seconds": "number"}
+_DENSE_FIELDS = {"perplexity": "number", "sparsity": "number", "windows": "number", "tokens": "number"}
+
+
+def check_table(data: dict, path: str | Path = "the sweep table") -> None:
+    """Every field the summary, the knees and the HTML report read has the type they expect: a sweep table edited
+    by hand (or by something hostile) is one error naming the field, not a traceback halfway through a report."""
+
+    def bad(where: str, expected: str) -> ConfigError:
+        return ConfigError(f"{path}: {where} must be {expected}: the table is damaged; re-run the sweep (--force)")
+
+    def check_fields(record, fields: dict, where: str) -> None:
+        if not isinstance(record, dict):
+            raise bad(where, "an object")
+        for name, kind in fields.items():
+            value = record.get(name)
+            ok = (_number(value) if kind == "number" else _number(value) or value is None if kind == "number?"
+                  else isinstance(value, kind))
+            if not ok:
+                raise bad(f"{where}.{name}", "a string" if kind is str else "a number")
+
+    rows = data.get("rows")
+    if not isinstance(rows, list):
+        raise bad("rows", "a list")
+    for i, row in enumerate(rows):
+        check_fields(row, _ROW_FIELDS, f"rows[{i}]")
+        layers = row.get("layers")
+        if layers is not None and not (isinstance(layers, dict) and all(
+                isinstance(k, str) and _number(v) for k, v in layers.items())):
+            raise bad(f"rows[{i}].layers", "an object of layer names to sparsities")
+        for name in ("errors", "search"):
+            if row.get(name) is not None and not isinstance(row[name], dict):
+                raise bad(f"rows[{i}].{name}", "an object")
+    if data.get("dense") is not None:
+        check_fields(data["dense"], _DENSE_FIELDS, "dense")
+        if not data["dense"]["perplexity"] > 0:
+            raise bad("dense.perplexity", "a positive number")
+    tolerance = data.get("knee_tolerance")
+    if tolerance is not None and not (_number(tolerance) and tolerance >= 1):
+        raise bad("knee_tolerance", "a number >= 1")
+    for name, kind in (("config", dict), ("planned", list)):
+        if data.get(name) is not None and not isinstance(data[name], kind):
+            raise bad(name, "an object" if kind is dict else "a list")
+    if isinstance(data.get("config"), dict) and data["config"].get("recipe") is not None \
+            and not isinstance(data["config"]["recipe"], dict):
+        raise bad("config.recipe", "an object")
 
 
 def run_sweep(*, model_spec: str, dtype, base_recipe, rows: list[RowSpec], json_path: Path, device, eval_seqlen: int,
@@ -225,7 +286,7 @@ def run_sweep(*, model_spec: str, dtype, base_recipe, rows: list[RowSpec], json_
     from .checkpoint import write_json_atomic
     from .data import evaluation_windows, tokenize
     from .evaluate import layer_sparsity, overall_sparsity, perplexity
-    from .models import load_model
+    from .models import check_causal, check_context, load_model
 
     config = {
         "model": str(model_spec), "dtype": dtype, "data": base_recipe.data,
@@ -258,9 +319,11 @@ def run_sweep(*, model_spec: str, dtype, base_recipe, rows: list[RowSpec], json_
         write_json_atomic(json_path, data)
         return data
     t0 = time.perf_counter()
+    splits = api.load_text(base_recipe.data)  # bad text fails before the model loads
     model, tokenizer = load_model(model_spec, dtype=dtype)
     model.to(device)
-    splits = api.load_text(base_recipe.data)
+    check_context(model, max(eval_seqlen, base_recipe.seqlen))
+    check_causal(model, "its perplexity would score predictions made from the tokens they predict")
     windows = evaluation_windows(tokenize(tokenizer, splits.evaluation), eval_seqlen)
     if max_eval_windows is not None:
         windows = windows[:max_eval_windows]

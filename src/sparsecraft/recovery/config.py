@@ -42,6 +42,7 @@ class FinetuneConfig(PatternSparsity, YamlConfig):
     """
 
     KIND: ClassVar[str] = "finetune config"
+    ALSO_ACCEPTS: ClassVar[dict[str, tuple]] = {"targets": (str,), "ignore": (str,)}
 
     steps: int = 200
     distill: str = "squarehead"
@@ -81,6 +82,7 @@ class FinetuneConfig(PatternSparsity, YamlConfig):
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.check_types(self.__dict__)
         self.validate()
 
     @property
@@ -121,6 +123,9 @@ class FinetuneConfig(PatternSparsity, YamlConfig):
         positive_int("periodic_eval_windows")
         if self.eval_seqlen is not None:
             positive_int("eval_seqlen")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed {self.seed} is out of range: fine-tuning seeds torch, numpy and random, which "
+                              f"take integers from 0 to {2**32 - 1}")
         if self.seqlen < 2:
             raise ConfigError(f"seqlen must be >= 2 (next-token prediction needs two tokens), got {self.seqlen}")
         if self.warmup_steps is not None:

@@ -28,8 +28,8 @@ from torch import nn
 
 from ..checkpoint import METADATA_FILE, RECIPE_FILE, atomic_directory, check_output, read_metadata, write_json_atomic
 from ..data import TextSplits, evaluation_windows, load_text, tokenize
-from ..errors import ConfigError, ModelError, OutputError
-from ..models import find_blocks, load_model, select_targets, weight_matrix
+from ..errors import ConfigError, ModelError, OutputError, TrainingError
+from ..models import check_causal, check_context, find_blocks, load_model, select_targets, weight_matrix
 from ..moe import ExpertLinears, experts_merged, experts_split, merge_experts, split_experts
 from ..patterns import check_columns
 from .batches import WindowStream, pack
@@ -272,6 +272,10 @@ def _finetune(student, teacher, data, config, *, tokenizer, out, force, checkpoi
     student_model, student_tok, student_meta, student_spec = _as_model(student)
     split_experts(student_model)  # fused MoE experts: one linear layer (and mask) per expert while training
     tokenizer = tokenizer or student_tok
+    check_context(student_model, cfg.seqlen)
+    if cfg.eval_seqlen is not None and evaluate:
+        check_context(student_model, cfg.eval_seqlen, "eval_seqlen", "--eval-seqlen")
+    check_causal(student_model, "next-token training would let it read the very tokens it learns to predict")
     weights = dict(zip(("ce", "kd", "squarehead"), cfg.weights))
     targets = select_targets(student_model, cfg.targets, cfg.ignore)
     if cfg.schedule == "gmp":
@@ -412,6 +416,8 @@ def _finetune(student, teacher, data, config, *, tokenizer, out, force, checkpoi
 
     if resumed_from is None:
         prune_to_schedule(0)
+    scales = _weight_scales(model)
+    vocab = getattr(getattr(student_model, "config", None), "vocab_size", None)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="finetune", unit="step",
                disable=not (cfg.progress and accelerator.is_local_main_process))
     try:
@@ -444,6 +450,7 @@ def _finetune(student, teacher, data, config, *, tokenizer, out, force, checkpoi
             if accelerator.num_processes > 1:
                 vals = accelerator.reduce(torch.tensor(list(parts.values()), device=accelerator.device), "mean")
                 parts = dict(zip(parts, vals.tolist()))
+            _check_loss(parts, done, cfg, vocab)
             record = {"step": done, **{k: round(v, 6) for k, v in parts.items()}, "lr": lr}
             if cfg.schedule == "gmp":
                 record["sparsity"] = round(masks.sparsity(), 6)
@@ -469,6 +476,7 @@ def _finetune(student, teacher, data, config, *, tokenizer, out, force, checkpoi
     bad = masks.check()
     if bad:  # cannot happen: masks are re-applied after every step
         raise RuntimeError(f"mask not preserved in {bad[:3]}")
+    _check_weights(model, scales, state.step, cfg, accelerator)
     after = held_out(None)
     model.eval()
     result = FinetuneResult(
@@ -493,6 +501,52 @@ def _finetune(student, teacher, data, config, *, tokenizer, out, force, checkpoi
         p.requires_grad_(True)
     unwrapped.eval()
     return unwrapped, result
+
+
+DIVERGED_CE_FACTOR = 2.0  # cross-entropy above this x ln(vocab) (twice a uniform guess's) means training diverged
+WEIGHT_GROWTH_LIMIT = 100.0  # a trained weight tensor whose largest |value| grew this much (from >= 0.1) diverged
+
+
+def _diverged(what: str, step: int, cfg: FinetuneConfig) -> TrainingError:
+    return TrainingError(f"fine-tuning diverged at step {step} ({what}); nothing was saved: lower --lr (now "
+                         f"{cfg.lr:g}), keep --max-grad-norm on (now {cfg.max_grad_norm:g}), or check the data")
+
+
+def _check_loss(parts: dict, step: int, cfg: FinetuneConfig, vocab: int | None) -> None:
+    """NaN/inf loss, or a cross-entropy far worse than guessing uniformly: stop before anything is saved."""
+    for name, value in parts.items():
+        if not math.isfinite(value):
+            raise _diverged(f"{name} loss {value}", step, cfg)
+    if isinstance(vocab, int) and vocab > 1 and parts.get("ce", 0.0) > DIVERGED_CE_FACTOR * math.log(vocab) + 1:
+        raise _diverged(f"cross-entropy {parts['ce']:.4g}, worse than {DIVERGED_CE_FACTOR:g}x a uniform guess over "
+                        f"{vocab} tokens", step, cfg)
+
+
+def _weight_scales(model: nn.Module) -> list[float]:
+    with torch.no_grad():
+        return [float(p.detach().abs().max()) if p.numel() else 0.0 for p in model.parameters()]
+
+
+def _check_weights(model: nn.Module, scales: list[float], step: int, cfg: FinetuneConfig, accelerator) -> None:
+    """After the last step: every trained weight finite and of a sane size (a huge learning rate can blow the
+    weights up without the loss, measured before the update, showing it)."""
+    worst, bad = 0.0, 0.0
+    with torch.no_grad():
+        for p, before in zip(model.parameters(), scales):
+            if not p.requires_grad or not p.numel():
+                continue
+            now = float(p.detach().abs().max())
+            if not math.isfinite(now):
+                bad = 1.0
+                break
+            worst = max(worst, now / max(before, 0.1))
+    flags = torch.tensor([bad, worst], device=accelerator.device)
+    if accelerator.num_processes > 1:  # every process decides alike (FSDP: each holds a shard)
+        flags = accelerator.gather(flags).reshape(-1, 2).max(dim=0).values
+    if flags[0] > 0:
+        raise _diverged("the weights hold NaN or inf", step, cfg)
+    if flags[1] > WEIGHT_GROWTH_LIMIT:
+        raise _diverged(f"a weight tensor's largest value grew {float(flags[1]):.3g}x", step, cfg)
 
 
 def _losses(model, teacher, ids, weights, cfg: FinetuneConfig, accelerator, student_outputs, teacher_outputs
