@@ -467,6 +467,9 @@ def _finetune(student, teacher, data, config, *, tokenizer, out, force, checkpoi
                     raise _StopTraining
     except _StopTraining:
         raise KeyboardInterrupt(f"stopped after step {state.step}") from None
+    except TrainingError:
+        _discard_run(ckpt_dir, resumed_from, accelerator)
+        raise
     finally:
         bar.close()
         for hooks in (student_outputs, teacher_outputs, norms):
@@ -476,7 +479,11 @@ def _finetune(student, teacher, data, config, *, tokenizer, out, force, checkpoi
     bad = masks.check()
     if bad:  # cannot happen: masks are re-applied after every step
         raise RuntimeError(f"mask not preserved in {bad[:3]}")
-    _check_weights(model, scales, state.step, cfg, accelerator)
+    try:
+        _check_weights(model, scales, state.step, cfg, accelerator)
+    except TrainingError:
+        _discard_run(ckpt_dir, resumed_from, accelerator)
+        raise
     after = held_out(None)
     model.eval()
     result = FinetuneResult(
@@ -516,10 +523,22 @@ def _check_loss(parts: dict, step: int, cfg: FinetuneConfig, vocab: int | None) 
     """NaN/inf loss, or a cross-entropy far worse than guessing uniformly: stop before anything is saved."""
     for name, value in parts.items():
         if not math.isfinite(value):
-            raise _diverged(f"{name} loss {value}", step, cfg)
+            raise _diverged(f"loss {value}" if name == "loss" else f"{name} loss {value}", step, cfg)
     if isinstance(vocab, int) and vocab > 1 and parts.get("ce", 0.0) > DIVERGED_CE_FACTOR * math.log(vocab) + 1:
         raise _diverged(f"cross-entropy {parts['ce']:.4g}, worse than {DIVERGED_CE_FACTOR:g}x a uniform guess over "
                         f"{vocab} tokens", step, cfg)
+
+
+def _discard_run(ckpt_dir: Path | None, resumed_from: int | None, accelerator) -> None:
+    """A fresh run that diverged leaves nothing behind: its checkpoints (of the diverging run) and config go. A
+    resumed run keeps the checkpoints it started from."""
+    if ckpt_dir is None or resumed_from is not None or not accelerator.is_main_process:
+        return
+    for old in [*checkpoints(ckpt_dir), *ckpt_dir.glob(f".{CHECKPOINT_PREFIX}*.tmp")]:
+        shutil.rmtree(old, ignore_errors=True)
+    (ckpt_dir / CONFIG_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        ckpt_dir.rmdir()
 
 
 def _weight_scales(model: nn.Module) -> list[float]:
