@@ -268,6 +268,8 @@ CASES = [
          lambda w, d: ["bench", str(w["model"]), "--json", str(d / "missing" / "b.json")], out="missing"),
     Case("bench-min-sparsity", "--min-sparsity", lambda w, d: ["bench", str(w["model"]), "--min-sparsity", "2"],
          out=None),
+    Case("bench-tokens-beyond-context", "exceed the model's context",
+         lambda w, d: ["bench", str(w["model"]), "--tokens", "1000", "--quiet"], out=None),
 ]
 
 
@@ -425,11 +427,14 @@ def _run_until_saving(marker: Path, argv: list[str]) -> subprocess.Popen:
     return proc
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_sigterm_during_save_leaves_nothing(work, tmp_path, signum):
+@pytest.mark.parametrize("signum, command", [(signal.SIGTERM, "prune"), (signal.SIGHUP, "export")],
+                         ids=["SIGTERM-prune", "SIGHUP-export"])
+def test_sigterm_during_save_leaves_nothing(work, tmp_path, signum, command):
     out = tmp_path / "models" / "out"
     out.parent.mkdir()
-    proc = _run_until_saving(tmp_path / "saving", prune(work, out.parent, "--method", "magnitude", "--no-eval"))
+    argv = (prune(work, out.parent, "--method", "magnitude", "--no-eval") if command == "prune"
+            else ["export", str(work["pruned"]), "--out", str(out), "--quiet"])
+    proc = _run_until_saving(tmp_path / "saving", argv)
     assert any(p.name.startswith(".out.tmp-") for p in out.parent.iterdir())  # mid-save
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)

@@ -103,6 +103,12 @@ def cmd_bench(args) -> int:
         peer = (llamacpp, llamacpp.find_converter(args.llama_cpp_src), types)
     model, tokenizer = _load(args)
     ids = _ids(tokenizer, args.prompt or DEFAULT_PROMPT)
+    from .models import model_context
+
+    limit = model_context(model)
+    if limit is not None and ids.shape[1] + args.tokens > limit:
+        raise ConfigError(f"the prompt ({ids.shape[1]} tokens) + --tokens {args.tokens} exceed the model's context "
+                          f"({limit} positions): pass --tokens {max(limit - ids.shape[1], 2)} or less")
     min_sparsity = DEFAULT_MIN_SPARSITY if args.min_sparsity is None else args.min_sparsity
     rows: list[dict] = []
 
