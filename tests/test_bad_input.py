@@ -61,6 +61,11 @@ def work(tmp_path_factory, llama_dir, text_file):
     (garbage / "model.safetensors").write_bytes(b"\xff" * 64)
     config_list = copy_of(llama_dir, "config-list")
     (config_list / "config.json").write_text("[1, 2, 3]\n")
+    bad_field = copy_of(llama_dir, "config-field")
+    config = json.loads((bad_field / "config.json").read_text())
+    (bad_field / "config.json").write_text(json.dumps({**config, "hidden_size": "abc"}))
+    gguf = root / "broken.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 4)
     meta_list = copy_of(pruned, "meta-list")
     (meta_list / "sparsecraft.json").write_text('["not", "metadata"]\n')
     meta_layers = copy_of(pruned, "meta-layers")
@@ -68,7 +73,8 @@ def work(tmp_path_factory, llama_dir, text_file):
     meta["layers"] = {"model.layers.0.mlp.up_proj": 0.5}
     (meta_layers / "sparsecraft.json").write_text(json.dumps(meta))
     return {"root": root, "model": llama_dir, "pruned": pruned, "encoder": encoder, "truncated": truncated,
-            "garbage": garbage, "config_list": config_list, "meta_list": meta_list, "meta_layers": meta_layers,
+            "garbage": garbage, "config_list": config_list, "config_field": bad_field, "gguf": gguf,
+            "meta_list": meta_list, "meta_layers": meta_layers,
             "text": text_file}
 
 
@@ -139,6 +145,8 @@ CASES = [
     Case("truncated-safetensors", "truncated", lambda w, d: prune(w, d, model=w["truncated"])),
     Case("garbage-safetensors", "not a safetensors file", lambda w, d: prune(w, d, model=w["garbage"])),
     Case("encoder-model", "attends to later tokens", lambda w, d: prune(w, d, model=w["encoder"])),
+    Case("config-field-wrong-type", "could not load model", lambda w, d: prune(w, d, model=w["config_field"])),
+    Case("gguf-corrupt", "incomplete or corrupt", lambda w, d: prune(w, d, model=w["gguf"])),
     # ---- prune: recipes
     Case("recipe-malformed-yaml", "not valid YAML at line", lambda w, d: recipe(w, d, "method: [wanda\n")),
     Case("recipe-not-mapping", "mapping of keys to values", lambda w, d: recipe(w, d, "- wanda\n- 0.5\n")),
@@ -250,6 +258,11 @@ CASES = [
     Case("ft-seqlen-beyond-context", "longer than the model's context",
          lambda w, d: finetune(w, d, "--seqlen", "1000")),
     Case("ft-eval-batch-0", "eval_batch_size", lambda w, d: finetune(w, d, "--eval-batch-size", "0")),
+    Case("ft-encoder-student", "attends to later tokens",
+         lambda w, d: ["finetune", str(w["encoder"]), "--data", str(w["text"]), "--seqlen", "16", "--steps", "2",
+                       "--schedule", "dense", "--distill", "none", "--quiet", "--out", str(d / "out")]),
+    Case("ft-checkpoint-dir-is-file", "--checkpoint-dir",
+         lambda w, d: finetune(w, d, "--checkpoint-dir", _file(d, "ckpt", "a file"))),
     Case("ft-out-parent-file", "is not a directory", lambda w, d: finetune(w, d)[:-1] + [_parent_is_file(d)],
          out="file/out"),
     Case("ft-diverges", "fine-tuning diverged",
@@ -260,6 +273,8 @@ CASES = [
                                                      str(2**70)], out=None),
     Case("generate-temperature-nan", "not a finite number",
          lambda w, d: ["generate", str(w["model"]), "--prompt", "hi", "--temperature", "nan"], out=None),
+    Case("generate-empty-prompt", "--prompt is empty", lambda w, d: ["generate", str(w["model"]), "--prompt", ""],
+         out=None),
     Case("generate-truncated", "truncated", lambda w, d: ["generate", str(w["truncated"]), "--prompt", "hi"],
          out=None),
     Case("generate-max-new-tokens-negative", "--max-new-tokens",
@@ -390,7 +405,7 @@ def test_stale_temporaries_are_removed_and_a_lost_original_restored(work, tmp_pa
     kept = tmp_path / f".out.old-{dead}-xyz" / "replaced"
     kept.mkdir(parents=True)
     (kept / "config.json").write_text("{}")
-    with pytest.warns(UserWarning, match="restored"):
+    with pytest.warns(UserWarning, match="restored"), pytest.warns(UserWarning, match="removed 1"):
         clean_stale(out)
     assert (out / "config.json").read_text() == "{}" and not kept.parent.exists()
 
@@ -463,7 +478,7 @@ def test_sigkill_then_rerun_cleans_up(work, tmp_path, capsys):
 def test_text_mostly_control_characters_warns_below_the_error_bound(tmp_path):
     from sparsecraft.data import load_text
 
-    text = make_text(10, 100)
+    text = make_text(10, 400)
     noisy = "".join(c + ("\x07" if i % 20 == 0 else "") for i, c in enumerate(text))
     path = tmp_path / "noisy.txt"
     path.write_text(noisy)

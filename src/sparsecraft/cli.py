@@ -303,8 +303,8 @@ def _termination_as_interrupt():
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -346,6 +346,16 @@ def main(argv: list[str] | None = None) -> int:
         print("sparsecraft: error: out of memory: use a smaller model, --batch-size, --nsamples or --seqlen",
               file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if debug:
+            traceback.print_exc()
+        if "out of memory" in str(exc) or "can't allocate memory" in str(exc):
+            print("sparsecraft: error: out of memory: use a smaller model, --batch-size, --nsamples or --seqlen",
+                  file=sys.stderr)
+            return 2
+        print(f"sparsecraft: error: unexpected RuntimeError: {_first_line(exc)} (run with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1
     except OSError as exc:  # a file that cannot be read or written (disk full, permissions, ...)
         if debug:
             traceback.print_exc()

@@ -217,6 +217,8 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     check_seed("--seed", args.seed)
+    if not args.prompt:
+        raise ConfigError("--prompt is empty: pass the text to continue")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     model, tokenizer = _load(args)
     ids = _ids(tokenizer, args.prompt)

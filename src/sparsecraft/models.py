@@ -75,12 +75,9 @@ def set_weight_matrix(module: nn.Module, value: torch.Tensor) -> None:
         weight_matrix(module).copy_(value.to(module.weight.dtype) + 0.0)
 
 
-def _safetensor_error() -> type[Exception]:
-    try:
-        from safetensors import SafetensorError
-    except ImportError:  # pragma: no cover - safetensors is a dependency
-        return OSError
-    return SafetensorError
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(exc).__name__
 
 
 def default_model_file() -> Path:
@@ -277,8 +274,11 @@ def load_model(spec: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None
         raise ModelError(f"model path {spec} does not exist: pass a HF model directory, a .gguf file or 'default'")
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, _safetensor_error()) as exc:
-        raise ModelError(f"could not load model {spec}: {str(exc).splitlines()[0]}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises on a broken checkpoint or config
+        hint = ": the .gguf file is incomplete or corrupt" if path.suffix == ".gguf" else ""
+        raise ModelError(f"could not load model {spec}: {_first_line(exc)}{hint}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError, TypeError):

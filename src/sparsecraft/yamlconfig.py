@@ -57,13 +57,19 @@ def _matches(value, tp) -> bool:
 
 
 def _nonfinite(value) -> bool:
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    if isinstance(value, list | tuple):
-        return any(_nonfinite(v) for v in value)
-    if isinstance(value, dict):
-        return any(_nonfinite(v) for v in value.values())
-    return False
+    """A NaN/inf float, itself or directly inside a list or mapping (not deeper: YAML aliases can nest a document
+    exponentially)."""
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else [value]
+    return any(isinstance(v, float) and not math.isfinite(v) for v in list(items)[:1000])
+
+
+def _short_repr(value) -> str:
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 2, 40, 40
+    text = short.repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class YamlConfig:
@@ -89,7 +95,7 @@ class YamlConfig:
             if any(_matches(value, t) for t in extra):
                 continue
             expected = " or ".join([_describe(tp), *(_describe(t) for t in extra)])
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            shown = _short_repr(value)
             what = "not finite" if _nonfinite(value) else type(value).__name__
             raise ConfigError(f"{where}: key {name!r} must be {expected}, got {shown} ({what})")
 
