@@ -22,8 +22,12 @@ from sparsecraft.kernels import linear as sklinear
 
 pytestmark = pytest.mark.skipif(not sk.available(), reason="sparsecraft's C kernels are not built here")
 
-PATHS = ["scalar"] + [p for p in ("avx2", "avx512") if sk.available() and sk.info()[p]] + \
-    (["avx512f"] if sk.available() and sk.info()["avx512_vbmi2"] else [])  # avx512 runs the VBMI2 kernels there
+_FACTS = sk.info() if sk.available() else {}
+# avx512 runs the VBMI2 kernels where the CPU has them (then avx512f runs the F-only ones), and for decode the
+# BF16 / VNNI dot-product kernels where it has those (then avx512vbmi2 runs the VBMI2 ones without them)
+PATHS = ["scalar"] + [p for p in ("avx2", "avx512") if _FACTS.get(p)] + \
+    (["avx512f"] if _FACTS.get("avx512_vbmi2") else []) + \
+    (["avx512vbmi2"] if _FACTS.get("avx512_bf16") or _FACTS.get("avx512_vnni") else [])
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # (out, in): odd sizes, in not a multiple of 8/16/64, a single row/column, exactly one and two mask words
 SHAPES = [(1, 1), (7, 5), (2, 64), (33, 65), (64, 128), (19, 300)]
@@ -52,9 +56,10 @@ def make_weight(out_f: int, in_f: int, sparsity: str, seed: int = 0) -> torch.Te
     return w
 
 
-def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
-    """|y - ref| <= output rounding + float32 accumulation error, with ref computed in float64 from the very
-    same (rounded) inputs."""
+def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                              extra: torch.Tensor | None = None) -> None:
+    """|y - ref| <= output rounding + float32 accumulation error (+ `extra`, a documented kernel error bound), with
+    ref computed in float64 from the very same (rounded) inputs."""
     xd, wd = x.double(), w.double()
     ref = xd @ wd.t()
     bound = xd.abs() @ wd.abs().t()
@@ -62,6 +67,8 @@ def assert_close_to_reference(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
         ref, bound = ref + b.double(), bound + b.double().abs()
     k = w.shape[1]
     tol = UNIT_ROUNDOFF[y.dtype] * ref.abs() + 4 * (k + 2) * 2.0**-24 * bound + 1e-30
+    if extra is not None:
+        tol = tol + extra * (1 + UNIT_ROUNDOFF[y.dtype])
     err = (y.double() - ref).abs()
     assert bool((err <= tol).all()), f"max error {err.max().item():.3g}, worst tol {tol[err > tol].min().item():.3g}"
 
@@ -83,6 +90,26 @@ def test_matches_reference(path, fmt, dtype):
                         y = layer(x)
                         assert y.dtype == dtype and y.shape == (m, out_f)
                         assert_close_to_reference(y, x, w, b)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", ["bitmask", "dense"])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_float32_activations_over_16bit_values(path, fmt, wdtype):
+    """The decode step's mix (float32 x, 16-bit stored values), through the kernels' matmul directly. With
+    AVX512_BF16 the decode kernels split x into bf16 hi + lo (x kept to 2^-16 of itself), which `extra` bounds."""
+    g = torch.Generator().manual_seed(2)
+    with sk.use_path(path):
+        for out_f, in_f in SHAPES + [(40, 2500)]:
+            for sparsity in SPARSITIES:
+                w = make_weight(out_f, in_f, sparsity).to(wdtype)
+                layer = sk.SparseLinear(w, None, fmt)
+                for m in (1, 3):
+                    x = torch.randn(m, in_f, generator=g) * torch.rand(m, in_f, generator=g).pow(4) * 100
+                    y = sklinear.matmul(x, layer._w_t, layer._mask_t, layer._rowptr_t, None, None, out_f)
+                    assert y.dtype == torch.float32
+                    extra = 2.0**-16 * (x.double().abs() @ w.double().abs().t())
+                    assert_close_to_reference(y, x, w, None, extra=extra)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -153,7 +153,8 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, kernels: bool
     sparse layers packed as bitmask + values). None (default): yes for compressed-tensors directories when the
     kernels are built (with a warning when they are not), no otherwise. The model's state_dict is unchanged.
     A directory exported with int8 values (`export(..., dtype="int8")`) runs its int8 layers from the stored int8
-    values and scales on the kernels; without kernels it is the dequantized dense model.
+    values and scales on the kernels, and its layers left dense (lm_head) as int8 too (quantized at load, per row,
+    like the others; the embedding keeps its dtype); without kernels it is the dequantized dense model.
     """
     model, tokenizer = load_model(path, dtype=dtype)
     model.sparsecraft = read_metadata(path) if Path(path).is_dir() else {}
@@ -168,9 +169,12 @@ def _kernels_hook(model: nn.Module, path: str | Path, kernels: bool | None) -> N
     from .compressed import is_compressed_dir, value_dtype
 
     compressed = Path(path).is_dir() and is_compressed_dir(path)
-    if compressed and value_dtype(path) and (kernels or (kernels is None and sk.available())):
+    int8 = compressed and value_dtype(path) == "int8" and (kernels or (kernels is None and sk.available()))
+    if int8:
         sk.sparsify_compressed(model, path)  # int8 layers straight from the stored values and scales
-    if kernels:
+        # and the layers left dense (lm_head) int8 too, as llama.cpp's Q8_0 has them; the embedding stays
+        sk.sparsify_model(model, quantize="int8", quantize_dense=True)
+    elif kernels:
         sk.sparsify_model(model)
     elif kernels is None and compressed:
         sk.sparsify_if_available(model)

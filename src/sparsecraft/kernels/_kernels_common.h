@@ -20,7 +20,9 @@
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_I8 = 3 }; /* DT_I8: stored weight values only (wtype) */
 enum { TM = 6 }; /* x rows per GEMM tile (the x buffer is padded to a multiple of TM rows when M > 1) */
 enum { FMT_DENSE = 0, FMT_BITMASK = 1 };
-enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX512 = 3, PATH_AVX512F = 4 }; /* AVX512F: no VBMI2 kernels */
+/* AVX512: every AVX-512 kernel the CPU has; AVX512W: the VBMI2 kernels but not the BF16/VNNI dot-product ones;
+ * AVX512F: AVX-512F kernels only */
+enum { PATH_AUTO = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX512 = 3, PATH_AVX512F = 4, PATH_AVX512W = 5 };
 
 typedef struct {
     int dtype;              /* activations, bias and outputs: DT_F32, DT_BF16 or DT_F16 */

@@ -38,6 +38,8 @@
 #define SC_HAVE_AVX512 1
 #define SC_AVX512 __attribute__((target("avx512f,avx2,fma,f16c,popcnt")))
 #define SC_AVX512W __attribute__((target("avx512f,avx512bw,avx512vbmi2,avx2,fma,f16c,popcnt")))
+#define SC_AVX512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512bf16,avx2,fma,f16c,popcnt")))
+#define SC_AVX512VN __attribute__((target("avx512f,avx512bw,avx512vbmi2,avx512vnni,avx2,fma,f16c,popcnt")))
 #else
 #define SC_HAVE_AVX512 0
 #endif
@@ -188,6 +190,18 @@ static int detect_vbmi2(void) {
     if (!cpu_avx512 || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     return ((b >> 30) & 1) && ((c >> 6) & 1);
 }
+static int cpu_bf16 = -1, cpu_vnni = -1; /* with VBMI2: AVX512_BF16 (vdpbf16ps), AVX512_VNNI (vpdpbusd) */
+static int detect_bf16(void) {
+    unsigned a, b, c, d;
+    if (!cpu_vbmi2 || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
+    return (a >> 5) & 1;
+}
+static int detect_vnni(void) {
+    unsigned a, b, c, d;
+    if (!cpu_vbmi2 || !__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    return (c >> 11) & 1;
+}
+#include "_avx512_dot_kernels.h"
 #endif
 
 static int have_avx2(void) {
@@ -214,6 +228,22 @@ static int have_vbmi2(void) {
 #endif
 }
 
+static int have_bf16(void) {
+#if SC_HAVE_AVX512
+    return cpu_bf16;
+#else
+    return 0;
+#endif
+}
+
+static int have_vnni(void) {
+#if SC_HAVE_AVX512
+    return cpu_vnni;
+#else
+    return 0;
+#endif
+}
+
 /* PATH_AUTO -> the widest path the CPU has (AVX-512, then AVX2, then scalar); other paths unchanged */
 static int resolve_path(int path) {
     if (path != PATH_AUTO) return path;
@@ -224,14 +254,19 @@ static int resolve_path(int path) {
 typedef void (*RunFn)(const Job *, int64_t, int64_t);
 
 /* stored value type (DT_F32, DT_BF16, DT_F16, DT_I8; checked by the caller) and path (PATH_SCALAR, PATH_AVX2,
- * PATH_AVX512 (with the VBMI2 kernels for 16-bit values where the CPU has them), PATH_AVX512F (without); the vector
+ * PATH_AVX512 (with the VBMI2 kernels where the CPU has them, and for decode the BF16 / VNNI dot-product kernels of
+ * _avx512_dot_kernels.h), PATH_AVX512W (VBMI2 but no dot-product kernels), PATH_AVX512F (neither); the vector
  * paths only once the CPU check passed) -> the per-thread driver. The kernels are written
  * per value type only: activations arrive as float32 (xf) and store_out writes the output dtype. */
 static RunFn pick(int wtype, int path) {
 #if SC_HAVE_AVX512
     static const RunFn avx512[] = {run_avx512_f32, run_avx512_bf16, run_avx512_f16, run_avx512_i8};
     static const RunFn avx512w[] = {run_avx512_f32, run_avx512w_bf16, run_avx512w_f16, run_avx512w_i8};
-    if (path == PATH_AVX512) return (have_vbmi2() ? avx512w : avx512)[wtype];
+    if (path == PATH_AVX512) { /* decode on the dot-product instructions where the CPU has them */
+        if (wtype == DT_BF16 && have_bf16()) return run_avx512x_bf16;
+        if (wtype == DT_I8 && have_vnni()) return run_avx512x_i8;
+    }
+    if (path == PATH_AVX512 || path == PATH_AVX512W) return (have_vbmi2() ? avx512w : avx512)[wtype];
     if (path == PATH_AVX512F) return avx512[wtype];
 #endif
 #if SC_HAVE_AVX2
@@ -296,7 +331,8 @@ static int parse_i64(PyObject *const *args, Py_ssize_t n, int64_t *out) {
 /* matmul(dtype, format, path, nthreads, N, K, M, words, x, x_stride, mask, rowptr, w, w_stride, bias, y, y_stride
  *        [, wtype, scale])
  * Every pointer is an address (int); x is [M, x_stride] in dtype with K valid columns. wtype (default dtype) is the
- * stored values' type: dtype, or DT_I8 (bitmask only) with scale the address of N float32 row scales. */
+ * stored values' type: dtype, DT_I8 (bitmask only) with scale the address of N float32 row scales, or a 16-bit type
+ * under float32 activations (as the decode step runs them). */
 static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     if (nargs != 17 && nargs != 19) {
@@ -326,13 +362,15 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
     j.ystride = a[16];
     if (j.dtype < DT_F32 || j.dtype > DT_F16 || j.format < FMT_DENSE || j.format > FMT_BITMASK || j.N < 0 ||
         j.K < 0 || j.M < 1 || j.words != (j.K + 63) / 64 || (j.format == FMT_BITMASK && !j.rowptr) ||
-        (j.wtype != j.dtype && (j.wtype != DT_I8 || j.format != FMT_BITMASK)) || (j.wtype == DT_I8) != !!j.scale) {
+        (j.wtype != j.dtype && (j.wtype != DT_I8 || j.format != FMT_BITMASK) &&
+         !(j.dtype == DT_F32 && (j.wtype == DT_BF16 || j.wtype == DT_F16))) || (j.wtype == DT_I8) != !!j.scale) {
         PyErr_SetString(PyExc_ValueError, "matmul: inconsistent arguments");
         return NULL;
     }
     path = resolve_path(path);
-    if ((path == PATH_AVX2 && !have_avx2()) || ((path == PATH_AVX512 || path == PATH_AVX512F) && !have_avx512()) ||
-        path < PATH_AUTO || path > PATH_AVX512F) {
+    if ((path == PATH_AVX2 && !have_avx2()) ||
+        ((path == PATH_AVX512 || path == PATH_AVX512F || path == PATH_AVX512W) && !have_avx512()) ||
+        path < PATH_AUTO || path > PATH_AVX512W) {
         PyErr_SetString(PyExc_RuntimeError, "matmul: the requested vector path is missing on this CPU (or build)");
         return NULL;
     }
@@ -446,8 +484,9 @@ static PyObject *py_info(PyObject *self, PyObject *unused) {
 #else
     int omp = 0, maxthreads = 1;
 #endif
-    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i}", "avx2", have_avx2(), "avx512", have_avx512(), "avx512_vbmi2",
-                         have_vbmi2(), "openmp", omp, "max_threads", maxthreads);
+    return Py_BuildValue("{s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "avx2", have_avx2(), "avx512", have_avx512(),
+                         "avx512_vbmi2", have_vbmi2(), "avx512_bf16", have_bf16(), "avx512_vnni", have_vnni(),
+                         "openmp", omp, "max_threads", maxthreads);
 }
 
 #include <math.h>
@@ -475,6 +514,8 @@ PyMODINIT_FUNC PyInit__sparsekernels(void) {
 #if SC_HAVE_AVX512
     cpu_avx512 = detect_avx512();
     cpu_vbmi2 = detect_vbmi2();
+    cpu_bf16 = detect_bf16();
+    cpu_vnni = detect_vnni();
 #endif
     return PyModule_Create(&module);
 }

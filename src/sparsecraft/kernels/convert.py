@@ -57,14 +57,17 @@ def layer_format(weight: torch.Tensor, tied: bool, min_sparsity: float, bitmask:
 
 def sparsify_model(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY, *, dense: bool = True,
                    bitmask: bool = True, targets: list[str] | None = None, ignore: list[str] | None = None,
-                   quantize: str | None = None) -> dict[str, str]:
+                   quantize: str | None = None, quantize_dense: bool = False) -> dict[str, str]:
     """Replace, in place, every nn.Linear / Conv1D with at least `min_sparsity` zeros by a bitmask SparseLinear.
 
     With `dense` (default) the other linear layers (lm_head, layers left dense) run on the kernels' dense path
     too, sharing their Parameters (tied weights stay tied); `bitmask=False` puts every layer on the dense path
     (to time the same kernels without sparsity). `targets` / `ignore` are regexes on layer names.
     `quantize="int8"` stores the bitmask layers' values as int8 with a float32 scale per output row
-    (sparsecraft.quantize; the dense-path layers keep their weights). Layers on another device or in another dtype
+    (sparsecraft.quantize; the dense-path layers keep their weights, unless `quantize_dense`: then they are int8
+    too, as bitmask layers of every nonzero, 1.125 bytes per weight against 2 for bf16, so that lm_head is int8 as
+    in llama.cpp's Q8_0; a tied lm_head gets its own int8 copy, the embedding keeps the shared weight).
+    Layers on another device or in another dtype
     than float32/bfloat16/float16 are left alone. Fused mixture-of-experts tensors are split into one layer per
     expert first (moe.py; `densify_model` merges them back). Returns {layer name: 'bitmask' | 'dense' |
     'skipped: why'}.
@@ -90,6 +93,8 @@ def sparsify_model(model: nn.Module, min_sparsity: float = DEFAULT_MIN_SPARSITY,
         fmt = layer_format(weight, id(module.weight) in tied, min_sparsity, bitmask)
         if fmt == "dense" and not dense:
             continue
+        if fmt == "dense" and quantize and quantize_dense:
+            fmt = "bitmask"
         layer = SparseLinear.from_module(module, fmt, quantize=quantize if fmt == "bitmask" else None)
         done[id(module)] = layer
         _set_child(model, name, layer)

@@ -35,7 +35,7 @@ from ..errors import KernelError
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FORMATS = {"dense": 0, "bitmask": 1}
 QUANTIZE = {"int8": 3}  # stored value type -> the kernels' code (DT_I8)
-PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512f": 4}
+PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avx512f": 4, "avx512vbmi2": 5}
 PATH_ENV = "SPARSECRAFT_KERNEL_PATH"
 VALUE_PADDING = 64  # the vector paths load up to 64 values past a row's last one (AVX-512 VBMI2: 64 int8, 32 x 16 bits)
 HUGEPAGES = os.environ.get("SPARSECRAFT_HUGEPAGES", "1") != "0"  # packed buffers >= 4 MiB: MADV_HUGEPAGE
@@ -80,26 +80,29 @@ def require():
 
 
 def info() -> dict:
-    """Build and CPU facts: {'built', 'avx2', 'avx512', 'avx512_vbmi2', 'openmp', 'max_threads', 'path', 'error'}."""
+    """Build and CPU facts: {'built', 'avx2', 'avx512', 'avx512_vbmi2', 'avx512_bf16', 'avx512_vnni', 'openmp',
+    'max_threads', 'path', 'error'} (bf16 and vnni are reported only with VBMI2, which their kernels also use)."""
     ext = _load()
-    facts = dict(ext.info()) if ext is not None else {"avx2": 0, "avx512": 0, "avx512_vbmi2": 0, "openmp": 0,
-                                                            "max_threads": 1}
+    facts = dict(ext.info()) if ext is not None else {"avx2": 0, "avx512": 0, "avx512_vbmi2": 0, "avx512_bf16": 0,
+                                                            "avx512_vnni": 0, "openmp": 0, "max_threads": 1}
     return {"built": ext is not None, **{k: bool(v) if k != "max_threads" else v for k, v in facts.items()},
             "path": get_path(), "error": _ext_error}
 
 
 def get_path() -> str:
-    """The kernel path in use: 'auto' (the widest the CPU has: AVX-512, else AVX2, else scalar), 'avx512' (with
-    the VBMI2 kernels for 16-bit values where the CPU has AVX512_VBMI2), 'avx512f' (AVX-512F kernels only), 'avx2' or
-    'scalar'."""
+    """The kernel path in use: 'auto' (the widest the CPU has: AVX-512, else AVX2, else scalar), 'avx512' (every
+    AVX-512 kernel the CPU has: the VBMI2 kernels where it has AVX512_VBMI2, and for decode the vdpbf16ps (bf16
+    values) and vpdpbusd (int8 values) kernels where it has AVX512_BF16 / AVX512_VNNI), 'avx512vbmi2' (the VBMI2
+    kernels, not the dot-product ones), 'avx512f' (AVX-512F kernels only), 'avx2' or 'scalar'."""
     return _path
 
 
-_PATH_NEEDS = {"avx2": ("avx2", "AVX2+FMA"), "avx512": ("avx512", "AVX-512F"), "avx512f": ("avx512", "AVX-512F")}
+_PATH_NEEDS = {"avx2": ("avx2", "AVX2+FMA"), "avx512": ("avx512", "AVX-512F"), "avx512f": ("avx512", "AVX-512F"),
+               "avx512vbmi2": ("avx512_vbmi2", "AVX512_VBMI2")}
 
 
 def set_path(name: str) -> None:
-    """Force a kernel path ('auto', 'avx512', 'avx512f', 'avx2', 'scalar'); also settable with
+    """Force a kernel path ('auto', 'avx512', 'avx512vbmi2', 'avx512f', 'avx2', 'scalar'); also settable with
     SPARSECRAFT_KERNEL_PATH."""
     global _path, _path_value
     if name not in PATHS:
@@ -244,7 +247,8 @@ def matmul(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, row
            scale: torch.Tensor | None, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """y = x Wᵀ + b on the kernels, W given as a SparseLinear holds it: dense `values` [N, K] (mask None), or the
     bitmask format (`mask` [N, words], `rowptr`, packed `values`, float32 per-row `scale` for int8 values). The
-    arguments are checked by SparseLinear; this is the body of its forward and of the `sparsecraft::linear` op."""
+    arguments are checked by SparseLinear; this is the body of its forward and of the `sparsecraft::linear` op.
+    x may also be float32 over 16-bit values (the decode step's mix: float32 activations, bf16/fp16 weights)."""
     n = out_features
     k = x.shape[-1]
     if not x.is_contiguous():
@@ -263,11 +267,11 @@ def matmul(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, row
     if mask is not None:
         _ext.matmul(dt, 1, _path_value, torch.get_num_threads(), n, k, m, mask.shape[1], x.data_ptr(), k,
                     mask.data_ptr(), rowptr.data_ptr(), values.data_ptr(), 0, b, y.data_ptr(), n,
-                    QUANTIZE["int8"] if values.dtype == torch.int8 else dt,
+                    QUANTIZE["int8"] if values.dtype == torch.int8 else DTYPES[values.dtype],
                     scale.data_ptr() if scale is not None else 0)
     else:
         _ext.matmul(dt, 0, _path_value, torch.get_num_threads(), n, k, m, (k + 63) // 64, x.data_ptr(), k, 0, 0,
-                    values.data_ptr(), values.stride(0), b, y.data_ptr(), n)
+                    values.data_ptr(), values.stride(0), b, y.data_ptr(), n, DTYPES[values.dtype], 0)
     return y
 
 
