@@ -484,3 +484,33 @@ def test_text_mostly_control_characters_warns_below_the_error_bound(tmp_path):
     path.write_text(noisy)
     with pytest.warns(UserWarning, match="control characters"):
         load_text(str(path))
+
+
+def test_sigterm_while_checkpointing_keeps_the_finished_checkpoints_only(work, tmp_path, capsys, monkeypatch):
+    """SIGTERM (here raised where the handler would raise it) in the middle of writing a fine-tuning checkpoint: the
+    half-written one is removed, the finished ones stay for --resume, and the message says so."""
+    import accelerate
+
+    from sparsecraft.cli import Terminated
+    from sparsecraft.recovery.trainer import checkpoints
+
+    real = accelerate.Accelerator.save_state
+    calls = []
+
+    def save_state(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 1:
+            return real(self, output_dir, **kwargs)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+        raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
+    out = tmp_path / "out"
+    rc = main(finetune(work, tmp_path, "--steps", "4", "--checkpoint-every", "1", "--no-eval"))
+    err = capsys.readouterr().err
+    ckpt = tmp_path / "out.checkpoints"
+    assert rc == 143 and len(err.strip().splitlines()) == 1, err
+    assert "terminated (SIGTERM)" in err and "checkpoints are kept in" in err and "--resume" in err
+    assert [p.name for p in checkpoints(ckpt)] == ["checkpoint-000001"]
+    assert not list(ckpt.glob(".checkpoint-*")) and not out.exists()

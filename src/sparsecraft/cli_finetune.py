@@ -5,6 +5,7 @@ Runs unchanged on several GPUs: `accelerate launch [--multi_gpu | --use_fsdp] -m
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -100,9 +101,19 @@ def cmd_finetune(args) -> int:
     )
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(str(out).rstrip("/") + ".checkpoints")
     t0 = time.perf_counter()
-    _, result = finetune(args.student, args.teacher, config.data, config, out=out, force=args.force,
-                         checkpoint_dir=ckpt, resume=args.resume, evaluate=not args.no_eval, device=args.device,
-                         eval_windows=args.max_eval_windows)
+    try:
+        _, result = finetune(args.student, args.teacher, config.data, config, out=out, force=args.force,
+                             checkpoint_dir=ckpt, resume=args.resume, evaluate=not args.no_eval, device=args.device,
+                             eval_windows=args.max_eval_windows)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: say where the run can continue from
+        from .recovery.trainer import checkpoints
+
+        if not ckpt.is_dir() or not checkpoints(ckpt):
+            raise
+        how = f"terminated ({exc})" if getattr(exc, "signum", None) else "interrupted"
+        print(f"sparsecraft: {how}; nothing was written to {out}; checkpoints are kept in {ckpt} (continue with "
+              "--resume)", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:  # one report per run, not one per process

@@ -26,7 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import METADATA_FILE, RECIPE_FILE, atomic_directory, check_output, read_metadata, write_json_atomic
+from ..checkpoint import (
+    METADATA_FILE,
+    RECIPE_FILE,
+    atomic_directory,
+    check_output,
+    read_metadata,
+    signals_held,
+    write_json_atomic,
+)
 from ..data import TextSplits, evaluation_windows, load_text, tokenize
 from ..errors import ConfigError, ModelError, OutputError, TrainingError
 from ..models import check_causal, check_context, find_blocks, load_model, select_targets, weight_matrix
@@ -161,12 +169,19 @@ def _save_checkpoint(accelerator, directory: Path, step: int, keep: int) -> Path
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk: no half-written checkpoint stays behind
+        if accelerator.is_main_process:
+            with signals_held():
+                shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        with signals_held():
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
         for old in checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
