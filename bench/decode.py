@@ -98,7 +98,9 @@ def kernel_isa() -> str:
     if facts["path"] != "auto":
         return f"{facts['path']} (forced)"
     if facts["avx512"]:
-        return "avx512 + VBMI2" if facts.get("avx512_vbmi2") else "avx512"
+        extras = [name for key, name in (("avx512_vbmi2", "VBMI2"), ("avx512_bf16", "BF16"), ("avx512_vnni", "VNNI"))
+                  if facts.get(key)]
+        return " + ".join(["avx512", *extras])
     return "avx2" if facts["avx2"] else "scalar"
 
 

@@ -189,7 +189,8 @@ def main() -> None:
     print_table(["shape", "batch", "values", "path", "sparsity", "µs", "x dense", "GB/s", "of bound", "torch CSR µs"],
                 sparse_rows, args.markdown)
     print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s (torch.sum, 512 MiB); threads {torch.get_num_threads()}; "
-          f"avx2 {facts['avx2']}, avx512 {facts['avx512']}, avx512_vbmi2 {facts['avx512_vbmi2']}, openmp "
+          f"avx2 {facts['avx2']}, avx512 {facts['avx512']}, avx512_vbmi2 {facts['avx512_vbmi2']}, "
+          f"avx512_bf16 {facts.get('avx512_bf16')}, avx512_vnni {facts.get('avx512_vnni')}, openmp "
           f"{facts['openmp']}, paths {','.join(paths)}; best of {reps} passes; "
           + ("weights reused (cache-hot)" if args.hot else f"each pass cycles through {args.cold_mib} MiB of weight "
              "copies (every call reads its weight from memory)"))

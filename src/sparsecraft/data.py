@@ -9,6 +9,11 @@ Every source is split into a calibration part and a disjoint evaluation part:
   no blank lines, and whitespace inside a line longer than a section); a file too small for five sections is
   used whole for both parts (with a warning). A ``.jsonl`` file is one document per line (its ``text`` field);
   a directory is one document per ``*.txt`` / ``*.jsonl`` file in it, sorted by name.
+- ``licenses``: Debian's license texts, ``/usr/share/common-licenses`` (package ``base-files``, present on every
+  Debian/Ubuntu system; GPL, LGPL, GFDL, Apache, MPL, Artistic, BSD, CC0): legal English prose from another domain
+  than the built-in corpus, the default out-of-domain evaluation text (sparsecraft.domains). One document per
+  file (symlinks to the same file read once), paragraphs already seen in an earlier file dropped (license versions
+  repeat each other), the same every-fifth-section held-out split.
 - ``wikitext2``: the train split for calibration, the test split for evaluation (as in the papers).
 - ``c4``: the first shard of the train split for calibration, validation for evaluation.
 """
@@ -96,6 +101,31 @@ def builtin_splits() -> TextSplits:
     from pydoc_data.topics import topics
 
     return split_documents("builtin", [topics[key].strip() for key in sorted(topics)])
+
+
+LICENSES_DIR = Path("/usr/share/common-licenses")
+
+
+def license_splits(directory: Path | None = None) -> TextSplits:
+    directory = LICENSES_DIR if directory is None else directory
+    if not directory.is_dir():
+        raise DataError(f"{directory} does not exist (Debian's base-files package ships it): install base-files, "
+                        "or pass another out-of-domain text with --eval-data path/to/text.txt")
+    files = sorted({p.resolve() for p in directory.iterdir() if p.is_file()})
+    seen: set[str] = set()
+    docs = []
+    for path in files:
+        kept = []
+        for paragraph in _read_text(path).split("\n\n"):
+            key = " ".join(paragraph.split())
+            if key and key not in seen:
+                seen.add(key)
+                kept.append(paragraph.strip("\n"))
+        if kept:
+            docs.append("\n\n".join(kept))
+    if not docs:
+        raise DataError(f"{directory} holds no text: pass another out-of-domain text with --eval-data")
+    return split_documents("licenses", docs)
 
 
 def _read_text(path: Path) -> str:
@@ -211,17 +241,19 @@ def hf_splits(name: str) -> TextSplits:
 
 
 def load_text(spec: str | Path = "builtin") -> TextSplits:
-    """Resolve a data spec: 'builtin', 'wikitext2', 'c4', or a path to a UTF-8 text file, a .jsonl file (one
-    {"text": ...} per line) or a directory of them."""
+    """Resolve a data spec: 'builtin', 'licenses', 'wikitext2', 'c4', or a path to a UTF-8 text file, a .jsonl file
+    (one {"text": ...} per line) or a directory of them."""
     spec = str(spec)
     if spec == "builtin":
         return builtin_splits()
+    if spec == "licenses":
+        return license_splits()
     if spec in _HF_DATASETS:
         return hf_splits(spec)
     path = Path(spec).expanduser()
     if path.exists() or path.suffix or "/" in spec:
         return file_splits(path)
-    raise DataError(f"unknown data {spec!r}: use builtin, wikitext2, c4 or a path to a text file")
+    raise DataError(f"unknown data {spec!r}: use builtin, licenses, wikitext2, c4 or a path to a text file")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -1,0 +1,99 @@
+"""Evaluation domains (sparsecraft.domains): the sources, their disjointness from calibration text, the geometric
+mean, and the out-of-domain default (Debian's license texts)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import build_model, make_text
+from sparsecraft import data
+from sparsecraft.data import TextSplits, load_text
+from sparsecraft.domains import DEFAULT_EVAL_DATA, disjoint_from, eval_specs, evaluate_domains, geometric_mean, \
+    load_sources
+from sparsecraft.errors import DataError
+
+needs_licenses = pytest.mark.skipif(not data.LICENSES_DIR.is_dir(), reason="no /usr/share/common-licenses here")
+
+
+def paragraphs(text: str) -> set[str]:
+    return {" ".join(p.split()) for p in text.split("\n\n") if p.strip()}
+
+
+def test_eval_specs():
+    assert eval_specs(None) == ["builtin", *DEFAULT_EVAL_DATA]
+    assert eval_specs(None, "my.txt") == ["my.txt", "licenses"]
+    assert eval_specs(["a.txt,b.txt", "licenses", "a.txt"], "builtin") == ["builtin", "a.txt", "b.txt", "licenses"]
+    assert eval_specs("builtin") == ["builtin"]  # the calibration source is not evaluated twice
+    assert eval_specs([]) == ["builtin"]
+    with pytest.raises(DataError, match="empty entry"):
+        eval_specs(["a.txt,,b.txt"])
+
+
+@needs_licenses
+def test_every_evaluation_source_is_disjoint_from_the_calibration_text():
+    """The out-of-domain default and the built-in corpus, each way round: no evaluation paragraph is calibration
+    text, and the two domains share no paragraph at all."""
+    builtin, licenses = load_text("builtin"), load_text("licenses")
+    assert len(paragraphs(licenses.evaluation)) > 50 and len(licenses.evaluation) > 30_000
+    for calibration in (builtin, licenses):
+        sources = load_sources(["builtin", "licenses"] if calibration is builtin else ["licenses", "builtin"],
+                               calibration)
+        assert [s.name for s in sources] == (["builtin", "licenses"] if calibration is builtin
+                                             else ["licenses", "builtin"])
+        calib = paragraphs(calibration.calibration)
+        for source in sources:
+            assert not paragraphs(source.evaluation) & calib
+    assert not paragraphs(builtin.evaluation) & paragraphs(licenses.calibration + licenses.evaluation)
+
+
+@needs_licenses
+def test_licenses_read_each_file_once_and_drop_repeated_paragraphs():
+    files = sorted({p.resolve() for p in data.LICENSES_DIR.iterdir() if p.is_file()})
+    whole = load_text("licenses")
+    text = whole.calibration + "\n\n" + whole.evaluation
+    keys = [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
+    assert len(keys) == len(set(keys))  # no paragraph twice (GPL -> GPL-3 read once; versions share text)
+    first = " ".join(files[0].read_text().split("\n\n")[0].split())
+    assert first in set(keys)
+
+
+def test_disjoint_from_drops_shared_paragraphs():
+    own = TextSplits("t", "calib one\n\ncalib two", "held one\n\ncalib  two\n\nheld two")
+    assert disjoint_from(own, "x\n\ncalib two").evaluation == "held one\n\nheld two"  # whitespace-insensitive
+    with pytest.raises(DataError, match="also occurs in the calibration text"):
+        disjoint_from(TextSplits("t", "", "a\n\nb"), "a\n\nb")
+
+
+def test_missing_default_is_skipped_but_a_given_source_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "LICENSES_DIR", tmp_path / "none")
+    text = tmp_path / "t.txt"
+    text.write_text(make_text(40))
+    with pytest.warns(UserWarning, match="no out-of-domain evaluation text"):
+        assert [s.name for s in load_sources([str(text), "licenses"])] == [str(text)]
+    with pytest.raises(DataError, match="base-files"):
+        load_sources([str(text), "licenses"], defaults_optional=False)
+    with pytest.raises(DataError, match="does not exist"):
+        load_sources([str(text), str(tmp_path / "missing.txt")])
+
+
+def test_geometric_mean():
+    assert geometric_mean([4.0, 9.0]) == pytest.approx(6.0)
+    assert geometric_mean([5.0]) == pytest.approx(5.0)
+    assert math.isnan(geometric_mean([]))
+
+
+def test_evaluate_domains_reports_each_source_and_their_geometric_mean(byte_tokenizer, tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(make_text(60, seed=1))
+    b.write_text(make_text(60, seed=2).upper())
+    model = build_model("llama")
+    sources = load_sources([str(a), str(b)])
+    result = evaluate_domains(model, sources, tokenizer=byte_tokenizer, seqlen=64, progress=False)
+    assert list(result["domains"]) == [str(a), str(b)]
+    ppl = [d["perplexity"] for d in result["domains"].values()]
+    assert result["perplexity"] == ppl[0] and ppl[0] != ppl[1]
+    assert result["geomean"] == pytest.approx(math.sqrt(ppl[0] * ppl[1]))
+    assert all(d["windows"] >= 1 and d["tokens"] == 64 * d["windows"] for d in result["domains"].values())
+    assert "layers" in result and 0.0 <= result["sparsity"] <= 1.0
