@@ -155,7 +155,7 @@ def _prune(args, recipe) -> int:
     from . import api
     from .checkpoint import check_output
     from .cli_args import check_eval_args, check_search_size
-    from .models import load_model, resolve_device
+    from .models import check_context_early, load_model, resolve_device
     from .report import format_table
 
     out = check_output(args.out, args.force, what="--out", create_parents=False)
@@ -164,6 +164,8 @@ def _prune(args, recipe) -> int:
     device = resolve_device(args.device)
     progress = not args.quiet
     t0 = time.perf_counter()
+    if recipe.needs_data or not args.no_eval:
+        check_context_early(args.model, recipe.seqlen)
     splits = api.load_text(recipe.data)  # bad text fails before the model loads
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(device)
@@ -201,7 +203,7 @@ def cmd_eval(args) -> int:
     from . import api
     from .checkpoint import check_output_file, read_metadata, write_json_atomic
     from .cli_args import check_eval_args
-    from .models import load_model
+    from .models import check_context_early, load_model
     from .report import format_table
 
     if args.json:
@@ -210,6 +212,7 @@ def cmd_eval(args) -> int:
     if args.seqlen < 2:
         raise ConfigError(f"--seqlen must be >= 2 (a window predicts its tokens from the ones before), got "
                           f"{args.seqlen}")
+    check_context_early(args.model, args.seqlen)
     meta = read_metadata(args.model) if args.model != "default" and os.path.isdir(args.model) else {}
     splits = api.load_text(args.data or "builtin")  # bad text fails before the model loads
     model, tokenizer = load_model(args.model, dtype=args.dtype)

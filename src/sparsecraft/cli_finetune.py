@@ -75,6 +75,7 @@ def cmd_finetune(args) -> int:
     from .checkpoint import check_output, check_writable
     from .cli_args import check_positive
     from .errors import OutputError
+    from .models import check_context_early
     from .recovery import make_config
     from .recovery.trainer import finetune
     from .report import format_table
@@ -99,6 +100,9 @@ def cmd_finetune(args) -> int:
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
         progress=False if args.quiet else None,
     )
+    check_context_early(args.student, config.seqlen)
+    if not args.no_eval:
+        check_context_early(args.student, config.eval_seqlen, "eval_seqlen", "--eval-seqlen")
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(str(out).rstrip("/") + ".checkpoints")
     t0 = time.perf_counter()
     try:

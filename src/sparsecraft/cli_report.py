@@ -65,7 +65,7 @@ def cmd_sweep(args) -> int:
     from .checkpoint import check_output_file
     from .cli_args import MAX_SWEEP_ROWS, check_eval_args, check_search_size, check_sweep_size
     from .html_report import sweep_html, write_text_atomic
-    from .models import resolve_device
+    from .models import check_context_early, resolve_device
     from .report import format_table
     from .sweep import (
         DEFAULT_KNEE_TOLERANCE,
@@ -103,6 +103,7 @@ def cmd_sweep(args) -> int:
     if args.heatmap:  # a clear error now rather than after the sweep
         find_row({"rows": [{"key": r.key, "method": r.method, "pattern": r.pattern, "sparsity": r.sparsity}
                            for r in rows]}, args.heatmap)
+    check_context_early(args.model, base.seqlen)
     device = resolve_device(args.device)
 
     def on_row(row: dict, bar) -> None:

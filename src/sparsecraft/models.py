@@ -191,6 +191,31 @@ def model_context(model: nn.Module) -> int | None:
     return None
 
 
+def config_context(spec: str | Path) -> int | None:
+    """The context length a model directory's config.json states (None for other specs or when it states none), to
+    check lengths before the model loads."""
+    path = Path(str(spec)).expanduser()
+    if str(spec) == DEFAULT_MODEL or not (path / "config.json").is_file():
+        return None
+    config = check_model_files(path)
+    for block in (config.get("text_config"), config):
+        if not isinstance(block, dict):
+            continue
+        for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length"):
+            value = block.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def check_context_early(spec: str | Path, seqlen: int | None, what: str = "seqlen", flag: str = "--seqlen") -> None:
+    """check_context from the model directory's config.json alone, before the weights load."""
+    limit = config_context(spec)
+    if limit is not None and seqlen is not None and seqlen > limit:
+        raise ConfigError(f"{what} {seqlen} is longer than the model's context ({limit} positions): pass {flag} "
+                          f"{limit} or less")
+
+
 def check_context(model: nn.Module, seqlen: int, what: str = "seqlen", flag: str = "--seqlen") -> None:
     """Windows longer than the model's context give position errors or meaningless perplexity: refuse them."""
     limit = model_context(model)
