@@ -6,7 +6,8 @@
  * _sparsekernels.c after the kernels and the driver (Job, pick, run_job).
  *
  * The model is described by int64 arrays that the Python side fills from the model's modules:
- *   header: STEP_HEADER values (see the enum), then the lm_head linear (LIN_FIELDS)
+ *   header: STEP_HEADER values (see the enum; H_ROUND_BF16: round the inputs of bf16 projections to bf16, see
+ *           step_linear), then the lm_head linear (LIN_FIELDS)
  *   layers: per block LAYER_FIELDS values: 7 linears (q, k, v, o, gate, up, down), then ln1, ln2, q_norm, k_norm
  *           (float32 weights, q/k norms 0 when absent), k cache, v cache (float32 [kv_heads, max_len, head_dim]),
  *           the sliding window (0: none)
@@ -17,11 +18,16 @@
 enum { LIN_FORMAT, LIN_WTYPE, LIN_N, LIN_K, LIN_MASK, LIN_ROWPTR, LIN_VALUES, LIN_WSTRIDE, LIN_SCALE, LIN_BIAS,
        LIN_FIELDS };
 enum { H_LAYERS, H_HIDDEN, H_HEADS, H_KV_HEADS, H_HEAD_DIM, H_INTER, H_VOCAB, H_MAX_LEN, H_EMBED, H_EMBED_DTYPE,
-       H_NORM, STEP_HEADER };
+       H_NORM, H_ROUND_BF16, STEP_HEADER };
 enum { L_LINEARS = 0, L_LN1 = 7 * LIN_FIELDS, L_LN2, L_QN, L_KN, L_KCACHE, L_VCACHE, L_WINDOW, LAYER_FIELDS };
 
-/* y[N] (float32) = W x (+ b) for x float32 padded with zeros to a multiple of 64 */
-static void step_linear(const int64_t *d, const float *x, float *y, int path, int nthreads) {
+/* y[N] (float32) = W x (+ b) for x float32 padded with zeros to a multiple of 64. With round_bf16, a projection
+ * with bf16 values first rounds x in place to bf16 (round to nearest even; x is only ever a projection's input, and
+ * rounding twice changes nothing), as the model's own bf16 forward feeds it: the kernels then take one vdpbf16ps
+ * per 32 values instead of two. */
+static void step_linear(const int64_t *d, float *x, float *y, int path, int nthreads, int round_bf16) {
+    if (round_bf16 && d[LIN_WTYPE] == DT_BF16)
+        for (int64_t i = 0; i < d[LIN_K]; ++i) x[i] = to_f32_bf16(from_f32_bf16(x[i]));
     Job j;
     memset(&j, 0, sizeof(j));
     j.dtype = DT_F32;
@@ -90,6 +96,7 @@ static PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_
     const float *cosv = (const float *)(uintptr_t)a[5], *sinv = (const float *)(uintptr_t)a[6];
     float *logits = (float *)(uintptr_t)a[7];
     int path = (int)a[8], nthreads = (int)a[9];
+    const int rnd = (int)hd[H_ROUND_BF16];
     const int64_t L = hd[H_LAYERS], E = hd[H_HIDDEN], H = hd[H_HEADS], G = hd[H_KV_HEADS], D = hd[H_HEAD_DIM],
                   I = hd[H_INTER], V = hd[H_VOCAB], T = hd[H_MAX_LEN];
     if (token < 0 || token >= V || pos < 0 || pos >= T || G < 1 || H % G || D % 2) {
@@ -116,9 +123,9 @@ static PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_
         const int64_t *ly = layers + l * LAYER_FIELDS;
         const int64_t *lin = ly + L_LINEARS;
         step_rmsnorm(x, (const float *)(uintptr_t)ly[L_LN1], eps, E, xn);
-        TIMED(0, step_linear(lin + 0 * LIN_FIELDS, xn, q, path, nthreads);
-              step_linear(lin + 1 * LIN_FIELDS, xn, k, path, nthreads);
-              step_linear(lin + 2 * LIN_FIELDS, xn, v, path, nthreads));
+        TIMED(0, step_linear(lin + 0 * LIN_FIELDS, xn, q, path, nthreads, rnd);
+              step_linear(lin + 1 * LIN_FIELDS, xn, k, path, nthreads, rnd);
+              step_linear(lin + 2 * LIN_FIELDS, xn, v, path, nthreads, rnd));
         const double t_attn = timing ? step_now() : 0.0;
         const float *qn = (const float *)(uintptr_t)ly[L_QN], *kn = (const float *)(uintptr_t)ly[L_KN];
         float *kc = (float *)(uintptr_t)ly[L_KCACHE], *vc = (float *)(uintptr_t)ly[L_VCACHE];
@@ -156,17 +163,17 @@ static PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_
             }
         }
         if (timing) timing[1] += step_now() - t_attn;
-        TIMED(0, step_linear(lin + 3 * LIN_FIELDS, att, xn, path, nthreads));
+        TIMED(0, step_linear(lin + 3 * LIN_FIELDS, att, xn, path, nthreads, rnd));
         for (int64_t i = 0; i < E; ++i) x[i] += xn[i];
         step_rmsnorm(x, (const float *)(uintptr_t)ly[L_LN2], eps, E, xn);
-        TIMED(0, step_linear(lin + 4 * LIN_FIELDS, xn, g, path, nthreads);
-              step_linear(lin + 5 * LIN_FIELDS, xn, u, path, nthreads));
+        TIMED(0, step_linear(lin + 4 * LIN_FIELDS, xn, g, path, nthreads, rnd);
+              step_linear(lin + 5 * LIN_FIELDS, xn, u, path, nthreads, rnd));
         for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        TIMED(0, step_linear(lin + 6 * LIN_FIELDS, g, xn, path, nthreads));
+        TIMED(0, step_linear(lin + 6 * LIN_FIELDS, g, xn, path, nthreads, rnd));
         for (int64_t i = 0; i < E; ++i) x[i] += xn[i];
     }
     step_rmsnorm(x, (const float *)(uintptr_t)hd[H_NORM], eps_out, E, xn);
-    TIMED(0, step_linear(hd + STEP_HEADER, xn, logits, path, nthreads));
+    TIMED(0, step_linear(hd + STEP_HEADER, xn, logits, path, nthreads, rnd));
     Py_END_ALLOW_THREADS
     sc_aligned_free(buf);
     Py_RETURN_NONE;

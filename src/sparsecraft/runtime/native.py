@@ -4,8 +4,11 @@ Per token, Python makes one call (`_sparsekernels.decode_step`): the embedding r
 q/k/v projections, q/k norms where the model has them, RoPE, the KV cache write, attention, the o projection, the
 gated MLP, residuals), the final norm and lm_head run in C, the projections on the very kernels SparseLinear uses
 (bitmask or dense, bf16/fp16/fp32 or int8 values). Activations, the KV cache and the elementwise arithmetic are
-float32, so on a bfloat16 model it is more precise than the model's own bf16 forward, not bit-identical to it: its
-greedy tokens equal transformers' generate on the same weights computed in float32 (tests/test_runtime.py).
+float32, so on a bfloat16 model it is more precise than the model's own bf16 forward, not bit-identical to it.
+Only the inputs of projections with bf16 weights are rounded to bf16 (`round_inputs`, default), as the model's own
+bf16 forward (and llama.cpp's BF16 path) feeds them: the AVX512_BF16 kernels then take one vdpbf16ps per 32 values
+instead of two. With `round_inputs=False` the inputs stay float32 (the kernels split them into bf16 hi + lo) and
+the greedy tokens equal transformers' generate on the same weights computed in float32 (tests/test_runtime.py).
 
 Built from the model's modules at each `generate` (so `sparsify_model` may run in between); nn.Linear layers run on
 the kernels' dense path over their own weight tensors (nothing is copied but the small norm weights and biases,
@@ -20,7 +23,7 @@ from torch import nn
 from ..errors import ModelError
 from .decode import LlamaFamilyDecoder, fast_path_problem, sliding_window
 
-LIN_FIELDS, STEP_HEADER, LAYER_FIELDS = 10, 11, 7 * 10 + 7
+LIN_FIELDS, STEP_HEADER, LAYER_FIELDS = 10, 12, 7 * 10 + 7
 
 
 def native_problem(model: nn.Module) -> str | None:
@@ -52,10 +55,11 @@ class NativeDecoder(LlamaFamilyDecoder):
     def problem(model: nn.Module) -> str | None:
         return native_problem(model)
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, round_inputs: bool = True):
         super().__init__(model)
         from ..kernels.linear import require
 
+        self.round_inputs = bool(round_inputs)
         self.ext = require()
         self.clock = None  # a profile clock: the C step adds its linear / attention seconds to it
         self.timing = torch.zeros(2, dtype=torch.float64)
@@ -118,7 +122,8 @@ class NativeDecoder(LlamaFamilyDecoder):
         embed = inner.embed_tokens.weight.detach()
         header = [len(layers), model.config.hidden_size, self.heads, self.kv_heads, self.head_dim,
                   inner.layers[0].mlp.gate_proj.out_features, embed.shape[0], self.capacity, embed.data_ptr(),
-                  DTYPES[embed.dtype], f32(inner.norm.weight).data_ptr()] + self._linear(model.lm_head, keep)
+                  DTYPES[embed.dtype], f32(inner.norm.weight).data_ptr(), int(self.round_inputs)] + \
+            self._linear(model.lm_head, keep)
         self.vocab = model.lm_head.out_features
         self.header = torch.tensor(header, dtype=torch.int64)
         self.layers = torch.tensor(layers, dtype=torch.int64)
