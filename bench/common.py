@@ -42,9 +42,14 @@ def worker(spec: dict) -> dict:
         row["prune_s"] = report.seconds + row.get("search_s", 0.0)
         row["recipe"] = recipe.to_dict()
         row["layer_sparsity"] = {r.name: r.target_sparsity for r in report.layers}
-    result = sparsecraft.evaluate(model, splits, tokenizer=tokenizer, seqlen=spec["eval_seqlen"],
-                                  max_windows=spec.get("max_eval_windows"), progress=False)
+    from sparsecraft.domains import eval_specs, evaluate_domains, load_sources
+
+    # the calibration source's held-out split, then each out-of-domain source (sparsecraft.domains)
+    sources = load_sources(eval_specs(spec.get("eval_data", []), spec["data"]), splits, defaults_optional=False)
+    result = evaluate_domains(model, sources, tokenizer=tokenizer, seqlen=spec["eval_seqlen"],
+                              max_windows=spec.get("max_eval_windows"), progress=False)
     row.update(perplexity=result["perplexity"], sparsity=result["sparsity"], eval_tokens=result["tokens"],
+               domains={n: d["perplexity"] for n, d in result["domains"].items()}, geomean=result["geomean"],
                peak_rss_mb=peak_rss_mb())
     return row
 
@@ -96,26 +101,42 @@ def add_common_args(ap) -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-eval-windows", type=int, default=None)
+    ap.add_argument("--max-eval-windows", type=int, default=None, help="per evaluation source")
+    ap.add_argument("--eval-data", action="append", default=None,
+                    help="out-of-domain evaluation texts besides --data's held-out split (repeatable or "
+                         "comma-separated; default licenses: Debian's /usr/share/common-licenses; 'none')")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", action="store_true")
 
 
 def base_spec(args) -> tuple[dict, dict]:
     """(evaluation settings, calibration recipe fields) from the common flags."""
+    from sparsecraft.domains import eval_specs
+
     base = {"model": args.model, "data": args.data, "eval_seqlen": args.seqlen,
-            "max_eval_windows": args.max_eval_windows}
+            "max_eval_windows": args.max_eval_windows, "eval_data": eval_specs(args.eval_data, args.data)[1:]}
     return base, {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}
 
 
 def finish(args, headers: list[str], table: list[list[str]], results: list[dict]) -> None:
     """Print the table and the run's settings; write the raw rows as JSON with --json."""
     print_table(headers, table, args.markdown)
+    other = ", ".join(list(results[0].get("domains", {}))[1:]) or "none"
     print(f"model={args.model} data={args.data} calibration={args.nsamples}x{args.seqlen} tokens seed={args.seed}, "
-          f"eval={results[0]['eval_tokens']} held-out tokens in windows of {args.seqlen}")
+          f"eval={results[0]['eval_tokens']} held-out tokens in windows of {args.seqlen}; out-of-domain: {other} "
+          "(its held-out split; geomean: the geometric mean over every source)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def domain_cells(row: dict, names: list[str]) -> list[str]:
+    """Perplexity on each out-of-domain source of `names` and the geometric mean (for rows with `domains`)."""
+    if not names:
+        return []
+    got = row.get("domains", {})
+    return [f"{got[n]:.2f}" if n in got else "-" for n in names] + \
+        [f"{row['geomean']:.2f}" if row.get("geomean") else "-"]
 
 
 def print_table(headers: list[str], rows: list[list[str]], markdown: bool) -> None:

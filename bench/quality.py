@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import RowCache, add_common_args, base_spec, finish, run_isolated
+from common import RowCache, add_common_args, base_spec, domain_cells, finish, run_isolated
 
 # name -> (method, recipe fields, which settings: "u" unstructured, "nm" N:M, "search" = with search only where
 # --search-at says)
@@ -42,17 +42,31 @@ ROWS = {
 }
 
 
-def not_measured(name: str, setting: str) -> list[str]:
+def not_measured(name: str, setting: str, width: int = 9) -> list[str]:
     """A table row for a row the cache does not hold (--cached-only)."""
-    return [name, setting, "not measured"] + ["-"] * 5
+    return [name, setting, "not measured"] + ["-"] * (width - 3)
 
 
 def setting_fields(setting: str) -> dict:
     return {"pattern": setting} if ":" in setting else {"pattern": "unstructured", "sparsity": float(setting)}
 
 
+def cells(r: dict, dense: dict, baseline: dict | None, names: list[str] | None = None) -> list[str]:
+    """sparsity, held-out ppl, out-of-domain ppl and geomean, x dense and the change against plain SparseGPT (both
+    on the geometric mean over the domains when there are several; the held-out change too), prune s, RSS."""
+    names = OTHERS if names is None else names
+    key = "geomean" if names and r.get("geomean") and dense.get("geomean") else "perplexity"
+    change = f"{(r[key] / baseline[key] - 1):+.1%}" if baseline and baseline is not r and key in baseline else "-"
+    held = f"{(r['perplexity'] / baseline['perplexity'] - 1):+.1%}" if baseline and baseline is not r else "-"
+    return [f"{r['sparsity']:.2%}", f"{r['perplexity']:.2f}", *domain_cells(r, names),
+            f"{r[key] / dense[key]:.2f}", change, held, f"{r.get('prune_s', 0):.0f}", f"{r['peak_rss_mb']:.0f}"]
+
+
+OTHERS: list[str] = []  # the out-of-domain sources of this run (set in main)
+
+
 def replay_check(cache: RowCache, base: dict, setting: str, searched: dict, budget: str, results: list,
-                 table: list, dense: float, baseline: float | None) -> str:
+                 table: list, dense: dict, baseline: dict | None) -> str:
     """Prune again from the recipe the search saved (its per-block overrides, no search) and check that it lands on
     the searched row's perplexity; also check the search kept to its time budget."""
     from sparsecraft.search import parse_budget
@@ -60,16 +74,14 @@ def replay_check(cache: RowCache, base: dict, setting: str, searched: dict, budg
     spec = {**base, "name": f"{setting} + search, replayed", "recipe": searched["recipe"]}
     r = cache.run(spec)
     if r is None:
-        table.append(not_measured("+ search, replayed from its recipe", setting))
+        table.append(not_measured("+ search, replayed from its recipe", setting, 10 + len(OTHERS) + bool(OTHERS)))
         return f"search at {setting}: its replay is not measured yet"
     r["setting"], r["row"] = setting, "+ search, replayed"
     results.append(r)
     same = r["perplexity"] == searched["perplexity"]
-    change = f"{(r['perplexity'] / baseline - 1):+.1%}" if baseline else "-"
     within = searched["search_s"] <= parse_budget(budget)
     table.append([f"+ search, replayed from its recipe ({'identical' if same else 'DIFFERS'})", setting,
-                  f"{r['sparsity']:.2%}", f"{r['perplexity']:.2f}", f"{r['perplexity'] / dense:.2f}", change,
-                  f"{r['prune_s']:.0f}", f"{r['peak_rss_mb']:.0f}"])
+                  *cells(r, dense, baseline)])
     note = (f"search at {setting}: {searched['search_s']:.0f} s of a {parse_budget(budget):.0f} s budget "
           f"({'within' if within else 'OVER'}), {searched['search']['generations']} generations, KL "
           f"{searched['search']['kl']:.4f} vs uniform {searched['search']['uniform_kl']:.4f}; replaying its recipe: "
@@ -113,9 +125,11 @@ def main() -> None:
     results = [cache.run({**base, "name": "dense", "recipe": None})]
     if results[0] is None:
         sys.exit(f"--cached-only: {args.cache} has no dense row for these settings")
-    dense = results[0]["perplexity"]
-    table = [["dense", "-", f"{results[0]['sparsity']:.2%}", f"{dense:.2f}", "-", "-", "-",
-              f"{results[0]['peak_rss_mb']:.0f}"]]
+    dense = results[0]
+    OTHERS[:] = base["eval_data"]
+    width = 10 + len(OTHERS) + bool(OTHERS)
+    table = [["dense", "-", *cells(dense, dense, None)]]
+    table[0][-2] = "-"
     for setting in args.settings.split(","):
         kind = "nm" if ":" in setting else "u"
         baseline = None
@@ -131,21 +145,21 @@ def main() -> None:
                 spec["search"] = {"budget": args.search_budget, "fitness_samples": args.fitness_samples}
             r = cache.run(spec)
             if r is None:
-                table.append(not_measured(name, setting))
+                table.append(not_measured(name, setting, width))
                 continue
             r["setting"], r["row"] = setting, name
             results.append(r)
             if name == "sparsegpt":
-                baseline = r["perplexity"]
-            change = f"{(r['perplexity'] / baseline - 1):+.1%}" if baseline and name != "sparsegpt" else "-"
-            table.append([name, setting, f"{r['sparsity']:.2%}", f"{r['perplexity']:.2f}",
-                          f"{r['perplexity'] / dense:.2f}", change, f"{r['prune_s']:.0f}", f"{r['peak_rss_mb']:.0f}"])
+                baseline = r
+            table.append([name, setting, *cells(r, dense, baseline)])
             print("done: " + " | ".join(table[-1]), file=sys.stderr, flush=True)  # partial results survive a kill
             if search and name == "+ search":
                 notes.append(replay_check(cache, base, setting, r, args.search_budget, results, table, dense,
                                           baseline))
-    finish(args, ["recipe", "setting", "sparsity", "held-out ppl", "x dense", "vs sparsegpt", "prune s",
-                  "peak RSS MiB"], table, results)
+    geo = " (geomean)" if OTHERS else ""
+    finish(args, ["recipe", "setting", "sparsity", "held-out ppl", *[f"{n} ppl" for n in OTHERS],
+                  *(["geomean"] if OTHERS else []), f"x dense{geo}", f"vs sparsegpt{geo}", "vs sparsegpt held-out",
+                  "prune s", "peak RSS MiB"], table, results)
     print("\n".join(notes))
 
 

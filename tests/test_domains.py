@@ -3,6 +3,7 @@ mean, and the out-of-domain default (Debian's license texts)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -10,8 +11,14 @@ import pytest
 from conftest import build_model, make_text
 from sparsecraft import data
 from sparsecraft.data import TextSplits, load_text
-from sparsecraft.domains import DEFAULT_EVAL_DATA, disjoint_from, eval_specs, evaluate_domains, geometric_mean, \
-    load_sources
+from sparsecraft.domains import (
+    DEFAULT_EVAL_DATA,
+    disjoint_from,
+    eval_specs,
+    evaluate_domains,
+    geometric_mean,
+    load_sources,
+)
 from sparsecraft.errors import DataError
 
 needs_licenses = pytest.mark.skipif(not data.LICENSES_DIR.is_dir(), reason="no /usr/share/common-licenses here")
@@ -27,6 +34,7 @@ def test_eval_specs():
     assert eval_specs(["a.txt,b.txt", "licenses", "a.txt"], "builtin") == ["builtin", "a.txt", "b.txt", "licenses"]
     assert eval_specs("builtin") == ["builtin"]  # the calibration source is not evaluated twice
     assert eval_specs([]) == ["builtin"]
+    assert eval_specs(["none"]) == ["builtin"] and eval_specs("none,a.txt") == ["builtin", "a.txt"]
     with pytest.raises(DataError, match="empty entry"):
         eval_specs(["a.txt,,b.txt"])
 
@@ -97,3 +105,60 @@ def test_evaluate_domains_reports_each_source_and_their_geometric_mean(byte_toke
     assert result["geomean"] == pytest.approx(math.sqrt(ppl[0] * ppl[1]))
     assert all(d["windows"] >= 1 and d["tokens"] == 64 * d["windows"] for d in result["domains"].values())
     assert "layers" in result and 0.0 <= result["sparsity"] <= 1.0
+
+
+def test_cli_eval_reports_every_domain_and_the_geometric_mean(llama_dir, text_file, tmp_path, capsys):
+    from sparsecraft.cli import main
+
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(30, 200, seed=7).upper())
+    out = tmp_path / "e.json"
+    assert main(["eval", str(llama_dir), "--data", str(text_file), "--eval-data", str(other), "--seqlen", "32",
+                 "--max-eval-windows", "4", "--json", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert list(report["domains"]) == [str(text_file), str(other)]
+    ppl = [d["perplexity"] for d in report["domains"].values()]
+    assert report["perplexity"] == ppl[0] and report["geomean"] == pytest.approx(math.sqrt(ppl[0] * ppl[1]))
+    assert all(d["windows"] == 4 for d in report["domains"].values())
+    assert "geometric mean" in printed and str(other) in printed
+    assert main(["eval", str(llama_dir), "--data", str(text_file), "--eval-data", "none", "--seqlen", "32",
+                 "--max-eval-windows", "2", "--json", str(out), "--quiet"]) == 0
+    assert list(json.loads(out.read_text())["domains"]) == [str(text_file)]
+
+
+def test_cli_prune_and_sweep_evaluate_out_of_domain(llama_dir, text_file, tmp_path, capsys):
+    from sparsecraft.cli import main
+
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(30, 200, seed=8).upper())
+    flags = ["--data", str(text_file), "--eval-data", str(other), "--nsamples", "4", "--seqlen", "32",
+             "--max-eval-windows", "3", "--quiet"]
+    assert main(["prune", "--model", str(llama_dir), "--method", "magnitude", "--sparsity", "0.5",
+                 "--out", str(tmp_path / "p"), *flags]) == 0
+    assert f"ppl {other}" in capsys.readouterr().out
+    evaluation = json.loads((tmp_path / "p" / "sparsecraft.json").read_text())["evaluation"]
+    assert list(evaluation["domains"]) == [str(text_file), str(other)]
+    assert evaluation["domains"][str(text_file)]["perplexity"] == evaluation["perplexity"]
+    assert evaluation["geomean"] == pytest.approx(math.sqrt(math.prod(d["perplexity"]
+                                                                      for d in evaluation["domains"].values())))
+    assert main(["sweep", "--model", str(llama_dir), "--methods", "magnitude", "--sparsities", "0.5",
+                 "--json", str(tmp_path / "s.json"), *flags]) == 0
+    table = json.loads((tmp_path / "s.json").read_text())
+    assert table["config"]["eval_data"] == [str(other)]
+    for row in [table["dense"], *table["rows"]]:
+        assert list(row["domains"]) == [str(text_file), str(other)]
+        assert row["domains"][str(text_file)] == row["perplexity"]
+        assert row["geomean"] == pytest.approx(math.sqrt(math.prod(row["domains"].values())))
+    assert f"ppl {other}" in capsys.readouterr().out
+
+
+def test_cli_bad_eval_data_fails_before_the_model_loads(llama_dir, text_file, tmp_path, capsys):
+    from sparsecraft.cli import main
+    from test_cli import assert_one_line_error
+
+    missing = tmp_path / "missing.txt"
+    assert_one_line_error(capsys, main(["eval", str(llama_dir), "--data", str(text_file), "--seqlen", "32",
+                                        "--eval-data", str(missing)]), "does not exist")
+    assert_one_line_error(capsys, main(["eval", str(llama_dir), "--seqlen", "32", "--eval-data", "a.txt,,b.txt"]),
+                          "empty entry")

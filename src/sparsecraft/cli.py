@@ -11,6 +11,7 @@ import traceback
 import warnings
 
 from .cli_args import finite_float
+from .domains import eval_specs, evaluate_domains, load_sources
 from .errors import ConfigError, SparsecraftError
 
 
@@ -18,7 +19,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help="builtin (default: CPython docs, held-out split), wikitext2, c4 (local HF datasets), "
                         "a UTF-8 text file, a .jsonl file ({\"text\": ...} per line) or a directory of them")
-    p.add_argument("--max-eval-windows", type=int, default=None, help="evaluate on at most this many windows")
+    p.add_argument("--eval-data", action="append", default=None,
+                   help="out-of-domain evaluation text, besides --data's held-out split (repeatable or "
+                        "comma-separated; names as for --data, or files); default: licenses (Debian's "
+                        "/usr/share/common-licenses); 'none' for --data's split only. Reports each and their "
+                        "geometric mean")
+    p.add_argument("--max-eval-windows", type=int, default=None,
+                   help="evaluate on at most this many windows (per evaluation source)")
     p.add_argument("--eval-batch-size", type=int, default=4)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -167,13 +174,15 @@ def _prune(args, recipe) -> int:
     if recipe.needs_data or not args.no_eval:
         check_context_early(args.model, recipe.seqlen)
     splits = api.load_text(recipe.data)  # bad text fails before the model loads
+    sources = None if args.no_eval else load_sources(eval_specs(args.eval_data, recipe.data), splits)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(device)
     load_s = time.perf_counter() - t0
 
     def evaluate() -> dict:
-        return api.evaluate(model, splits, tokenizer=tokenizer, seqlen=recipe.seqlen,
-                            batch_size=args.eval_batch_size, max_windows=args.max_eval_windows, progress=progress)
+        return evaluate_domains(model, sources, tokenizer=tokenizer, seqlen=recipe.seqlen,
+                                batch_size=args.eval_batch_size, max_windows=args.max_eval_windows,
+                                progress=progress)
 
     dense = None if args.no_eval else evaluate()
     _, report = api.prune(model, splits, recipe, tokenizer=tokenizer, device=device, progress=progress)
@@ -186,15 +195,28 @@ def _prune(args, recipe) -> int:
     evaluation = None
     if sparse is not None:
         evaluation = {"data": recipe.data, "seqlen": recipe.seqlen, "windows": sparse["windows"],
-                      "dense_perplexity": dense["perplexity"], "perplexity": sparse["perplexity"]}
+                      "dense_perplexity": dense["perplexity"], "perplexity": sparse["perplexity"],
+                      "domains": {n: {"dense_perplexity": dense["domains"][n]["perplexity"], **d}
+                                  for n, d in sparse["domains"].items()},
+                      "dense_geomean": dense["geomean"], "geomean": sparse["geomean"]}
     api.save(model, out, tokenizer=tokenizer, report=report, evaluation=evaluation, source=str(args.model),
              force=args.force)
+    names = list(sparse["domains"]) if sparse is not None else []
+    others = names[1:]
+
+    def ppl_cells(result):
+        if result is None:
+            return [None] * (1 + len(others) + bool(others))
+        cells = [result["domains"][n]["perplexity"] for n in names]
+        return cells + ([result["geomean"]] if others else [])
+
     rows = []
     if dense is not None:
-        rows.append(["dense", "-", f"{dense['sparsity']:.2%}", dense["perplexity"], "-"])
-    rows.append([recipe.method, recipe.pattern, f"{report.sparsity:.2%}",
-                 sparse["perplexity"] if sparse else None, f"{report.seconds:.1f}"])
-    print(format_table(["model", "pattern", "sparsity", "perplexity", "prune s"], rows))
+        rows.append(["dense", "-", f"{dense['sparsity']:.2%}", *ppl_cells(dense), "-"])
+    rows.append([recipe.method, recipe.pattern, f"{report.sparsity:.2%}", *ppl_cells(sparse),
+                 f"{report.seconds:.1f}"])
+    ppl_headers = [f"ppl {n}" for n in names] + (["geomean"] if others else []) if names else ["perplexity"]
+    print(format_table(["model", "pattern", "sparsity", *ppl_headers, "prune s"], rows))
     print(f"load {load_s:.1f}s, peak RSS {api.peak_rss_mb():.0f} MiB; saved to {out} (recipe in {out}/recipe.yaml)")
     return 0
 
@@ -215,21 +237,24 @@ def cmd_eval(args) -> int:
     check_context_early(args.model, args.seqlen)
     meta = read_metadata(args.model) if args.model != "default" and os.path.isdir(args.model) else {}
     splits = api.load_text(args.data or "builtin")  # bad text fails before the model loads
+    sources = load_sources(eval_specs(args.eval_data, args.data or "builtin"), splits)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    result = api.evaluate(model, splits, tokenizer=tokenizer, seqlen=args.seqlen,
-                          batch_size=args.eval_batch_size, max_windows=args.max_eval_windows,
-                          progress=not args.quiet)
+    result = evaluate_domains(model, sources, tokenizer=tokenizer, seqlen=args.seqlen,
+                              batch_size=args.eval_batch_size, max_windows=args.max_eval_windows,
+                              progress=not args.quiet)
     result["data"] = str(args.data or "builtin")  # as given, as before
     if args.layers:
         print(format_table(["layer", "shape", "sparsity"],
                            [[n, "x".join(map(str, v["shape"])), f"{v['sparsity']:.2%}"]
                             for n, v in result["layers"].items()]))
     recipe = meta.get("recipe", {})
-    print(format_table(
-        ["model", "method", "pattern", "data", "windows", "sparsity", "perplexity"],
-        [[args.model, recipe.get("method", "-"), recipe.get("pattern", "-"), result["data"], result["windows"],
-          f"{result['sparsity']:.2%}", result["perplexity"]]],
-    ))
+    rows = [[args.model, recipe.get("method", "-"), recipe.get("pattern", "-"), name, d["windows"],
+             f"{result['sparsity']:.2%}", d["perplexity"]] for name, d in result["domains"].items()]
+    if len(rows) > 1:
+        rows.append([args.model, recipe.get("method", "-"), recipe.get("pattern", "-"), "geometric mean", "-",
+                     f"{result['sparsity']:.2%}", result["geomean"]])
+    rows[0][3] = result["data"]
+    print(format_table(["model", "method", "pattern", "data", "windows", "sparsity", "perplexity"], rows))
     if args.json:
         write_json_atomic(args.json, {**result, "model": args.model, "recipe": recipe})
     return 0

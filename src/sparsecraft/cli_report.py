@@ -69,13 +69,13 @@ def cmd_sweep(args) -> int:
     from .report import format_table
     from .sweep import (
         DEFAULT_KNEE_TOLERANCE,
-        SUMMARY_HEADERS,
         check_outputs,
         find_row,
         parse_methods,
         parse_sparsities,
         plan_rows,
         run_sweep,
+        summary_headers,
         summary_rows,
     )
 
@@ -115,13 +115,13 @@ def cmd_sweep(args) -> int:
         data = run_sweep(model_spec=args.model, dtype=args.dtype, base_recipe=base, rows=rows, json_path=json_path,
                          device=device, eval_seqlen=base.seqlen, eval_batch_size=args.eval_batch_size,
                          max_eval_windows=args.max_eval_windows, resume=args.resume, progress=not args.quiet,
-                         knee_tolerance=tolerance, on_row=on_row)
+                         knee_tolerance=tolerance, on_row=on_row, eval_data=args.eval_data)
     except KeyboardInterrupt as exc:
         kept = "finished rows are kept in " + str(json_path) if json_path.exists() else "no row finished"
         how = f"terminated ({exc})" if getattr(exc, "signum", None) else "interrupted"
         print(f"sparsecraft: {how}; {kept} (continue with --resume)", file=sys.stderr)
         return getattr(exc, "exit_code", 130)
-    print(format_table(SUMMARY_HEADERS, summary_rows(data)))
+    print(format_table(summary_headers(data), summary_rows(data)))
     _print_knees(data, tolerance)
     print(f"sweep table: {json_path}")
     if report is not None:
@@ -158,12 +158,12 @@ def cmd_report(args) -> int:
     if args.html and args.json and Path(args.html).expanduser().resolve() == Path(args.json).expanduser().resolve():
         raise ConfigError(f"--html and --json are the same file {args.html}: give them different names")
     if path.suffix == ".json" and not path.is_dir():
-        from .sweep import SUMMARY_HEADERS, load_sweep, summary_rows
+        from .sweep import load_sweep, summary_headers, summary_rows
 
         if args.json:
             raise ConfigError("--json is for model directories; a sweep table is already JSON")
         data = load_sweep(path)
-        print(format_table(SUMMARY_HEADERS, summary_rows(data)))
+        print(format_table(summary_headers(data), summary_rows(data)))
         if data.get("dense"):
             _print_knees(data, tolerance)
         if args.html:

@@ -27,7 +27,7 @@ DEFAULT_EVAL_DATA = ("licenses",)
 
 def eval_specs(eval_data: str | list[str] | tuple[str, ...] | None, calibration: str = "builtin") -> list[str]:
     """The sources to evaluate on: `calibration` first, then each of `eval_data` (None: DEFAULT_EVAL_DATA; entries
-    may be comma-separated lists), each once, in order."""
+    may be comma-separated lists; 'none': no other source), each once, in order."""
     items = DEFAULT_EVAL_DATA if eval_data is None else [eval_data] if isinstance(eval_data, str) else eval_data
     specs = [str(calibration)]
     for item in items:
@@ -36,9 +36,22 @@ def eval_specs(eval_data: str | list[str] | tuple[str, ...] | None, calibration:
             if not spec:
                 raise DataError(f"--eval-data has an empty entry in {item!r}: give names or paths separated by "
                                 "commas")
+            if spec == "none":
+                continue
             if spec not in specs:
                 specs.append(spec)
     return specs
+
+
+def windows_for(sources: list[TextSplits], tokenizer, seqlen: int, max_windows: int | None = None) -> dict:
+    """{source name: [count, seqlen] evaluation windows} (for loops that score many models on the same text)."""
+    from .data import evaluation_windows, tokenize
+
+    out = {}
+    for splits in sources:
+        windows = evaluation_windows(tokenize(tokenizer, splits.evaluation), seqlen)
+        out[splits.name] = windows if max_windows is None else windows[:max_windows]
+    return out
 
 
 def _paragraph_keys(text: str) -> set[str]:

@@ -277,9 +277,10 @@ def sweep_html(data: dict, heatmap: str | None = None, tolerance: float | None =
                      "<p class=\"note\">Rows: layer kind; columns: transformer block; cells: percent zeros. "
                      "Pick another row with <code>--heatmap METHOD@SPARSITY</code>.</p>",
                      _img(fig, f"per-layer sparsity heatmap {row['key']}")]
-    from .sweep import SUMMARY_HEADERS
+    from .sweep import summary_headers
 
-    body += ["<h2>All rows</h2>", html_table(SUMMARY_HEADERS, summary_rows(data), numeric={2, 3, 4, 5, 6})]
+    headers = summary_headers(data)
+    body += ["<h2>All rows</h2>", html_table(headers, summary_rows(data), numeric=set(range(2, len(headers))))]
     body.append("<h2>Settings</h2><pre>" + _esc(_yaml(cfg)) + "</pre>")
     return _page("sparsecraft sweep", body)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import re
@@ -224,6 +225,28 @@ def check_context(model: nn.Module, seqlen: int, what: str = "seqlen", flag: str
                           f"{limit} or less")
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def _hooks_suspended(model: nn.Module):
+    """The modules' forward hooks put aside for a while: a check's own forward passes (the causal probe) are not
+    the user's, and hooks that collect activations must not see them."""
+    saved = []
+    for module in model.modules():
+        for name in _HOOK_DICTS:
+            hooks = module.__dict__.get(name)
+            if hooks:
+                saved.append((module, name, hooks))
+                module.__dict__[name] = type(hooks)()
+    try:
+        yield
+    finally:
+        for module, name, hooks in saved:
+            module.__dict__[name] = hooks
+
+
 def is_causal(model: nn.Module) -> bool | None:
     """Whether each position's logits ignore later tokens (a causal LM), probed with two short inputs that differ
     only in their last token; None when the probe cannot run."""
@@ -243,7 +266,7 @@ def is_causal(model: nn.Module) -> bool | None:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _hooks_suspended(model):
             la, lb = (model_logits(model, x)[:, :-1].float() for x in (a, b))
     except Exception:  # noqa: BLE001 - a model the probe cannot call: no opinion
         return None

@@ -276,15 +276,17 @@ def check_table(data: dict, path: str | Path = "the sweep table") -> None:
 
 def run_sweep(*, model_spec: str, dtype, base_recipe, rows: list[RowSpec], json_path: Path, device, eval_seqlen: int,
               eval_batch_size: int, max_eval_windows: int | None, resume: bool, progress: bool,
-              knee_tolerance: float, on_row=None) -> dict:
-    """Run every row (skipping those already in `json_path` when resuming) and return the sweep table."""
+              knee_tolerance: float, on_row=None, eval_data=None) -> dict:
+    """Run every row (skipping those already in `json_path` when resuming) and return the sweep table. Each row's
+    `perplexity` is on the calibration source's held-out split (knees and plots use it); `domains` adds every
+    --eval-data source (sparsecraft.domains; default: licenses) and `geomean` their geometric mean."""
     import torch
     from tqdm.auto import tqdm
 
     from . import api
     from ._version import __version__
     from .checkpoint import write_json_atomic
-    from .data import evaluation_windows, tokenize
+    from .domains import eval_specs, geometric_mean, load_sources, windows_for
     from .evaluate import layer_sparsity, overall_sparsity, perplexity
     from .models import check_causal, check_context, load_model
 
@@ -292,6 +294,7 @@ def run_sweep(*, model_spec: str, dtype, base_recipe, rows: list[RowSpec], json_
         "model": str(model_spec), "dtype": dtype, "data": base_recipe.data,
         "recipe": {k: v for k, v in base_recipe.to_dict().items() if k not in ("method", "sparsity", "pattern")},
         "eval_seqlen": eval_seqlen, "max_eval_windows": max_eval_windows,
+        "eval_data": eval_specs(eval_data, base_recipe.data)[1:],
     }
     data: dict = {"format": SWEEP_FORMAT, "sparsecraft_version": __version__, "config": config,
                   "knee_tolerance": knee_tolerance, "dense": None, "rows": [], "planned": [r.key for r in rows],
@@ -320,13 +323,13 @@ def run_sweep(*, model_spec: str, dtype, base_recipe, rows: list[RowSpec], json_
         return data
     t0 = time.perf_counter()
     splits = api.load_text(base_recipe.data)  # bad text fails before the model loads
+    sources = load_sources(eval_specs(eval_data, base_recipe.data), splits)
     model, tokenizer = load_model(model_spec, dtype=dtype)
     model.to(device)
     check_context(model, max(eval_seqlen, base_recipe.seqlen))
     check_causal(model, "its perplexity would score predictions made from the tokens they predict")
-    windows = evaluation_windows(tokenize(tokenizer, splits.evaluation), eval_seqlen)
-    if max_eval_windows is not None:
-        windows = windows[:max_eval_windows]
+    all_windows = windows_for(sources, tokenizer, eval_seqlen, max_eval_windows)
+    windows = all_windows[splits.name]
     data["load_seconds"] = time.perf_counter() - t0
     # on the CPU, so that an accelerator holds one copy of the model
     dense_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -336,15 +339,20 @@ def run_sweep(*, model_spec: str, dtype, base_recipe, rows: list[RowSpec], json_
         data["complete"] = all(k in {r["key"] for r in data["rows"]} for k in data["planned"])
         write_json_atomic(json_path, data)
 
-    def ppl() -> float:
-        return perplexity(model, windows, batch_size=eval_batch_size, progress=False)
+    def ppl() -> dict:
+        """{source name: perplexity}, the calibration source's first"""
+        return {name: perplexity(model, w, batch_size=eval_batch_size, progress=False)
+                for name, w in all_windows.items()}
+
+    def domain_fields(values: dict) -> dict:
+        return {"domains": values, "geomean": geometric_mean(values.values())} if len(values) > 1 else {}
 
     if data["dense"] is None:
         t1 = time.perf_counter()
         dense_ppl = ppl()
-        data["dense"] = {"perplexity": dense_ppl, "sparsity": overall_sparsity(layer_sparsity(model)),
+        data["dense"] = {"perplexity": dense_ppl[splits.name], "sparsity": overall_sparsity(layer_sparsity(model)),
                          "windows": int(windows.shape[0]), "tokens": int(windows.numel()),
-                         "seconds": time.perf_counter() - t1}
+                         "seconds": time.perf_counter() - t1, **domain_fields(dense_ppl)}
         save()
     bar = tqdm(todo, desc="sweep", unit="row", disable=not progress)
     for spec in bar:
@@ -355,10 +363,12 @@ def run_sweep(*, model_spec: str, dtype, base_recipe, rows: list[RowSpec], json_
         # the calibration text, as `sparsecraft prune` passes it: the same seeded windows for every row
         _, report = api.prune(model, splits, recipe, tokenizer=tokenizer, device=device, progress=False)
         t1 = time.perf_counter()
-        value = ppl()
+        values = ppl()
+        value = values[splits.name]
         row = {
             "key": spec.key, "method": spec.method, "pattern": spec.pattern, "sparsity": spec.sparsity,
             "reached": report.sparsity, "perplexity": value, "ratio": value / data["dense"]["perplexity"],
+            **domain_fields(values),
             "seconds": report.seconds, "eval_seconds": time.perf_counter() - t1,
             "layers": {r.name: r.sparsity for r in report.layers},
             "uniform": len({round(r.target_sparsity, 9) for r in report.layers}) <= 1,
@@ -380,16 +390,36 @@ def run_sweep(*, model_spec: str, dtype, base_recipe, rows: list[RowSpec], json_
     return data
 
 
-def summary_rows(data: dict) -> list[list]:
-    """Rows for report.format_table: the dense model, then every sweep row."""
+def _other_domains(data: dict) -> list[str]:
+    """The out-of-domain sources of a sweep table, in order (none in tables made before sparsecraft.domains)."""
     dense = data.get("dense") or {}
+    return list(dense.get("domains", {}))[1:]
+
+
+def summary_rows(data: dict) -> list[list]:
+    """Rows for report.format_table (headers: summary_headers(data)): the dense model, then every sweep row."""
+    dense = data.get("dense") or {}
+    others = _other_domains(data)
+
+    def extra(r):
+        if not others:
+            return []
+        return [r.get("domains", {}).get(n) for n in others] + [r.get("geomean")]
+
     out = []
     if dense:
-        out.append(["dense", "-", "-", f"{dense['sparsity']:.2%}", dense["perplexity"], "1.00", "-"])
+        out.append(["dense", "-", "-", f"{dense['sparsity']:.2%}", dense["perplexity"], *extra(dense), "1.00", "-"])
     for r in data["rows"]:
         out.append([r["method"], r["pattern"], f"{r['sparsity']:g}", f"{r['reached']:.2%}", r["perplexity"],
-                    f"{r['ratio']:.2f}", f"{r['seconds']:.1f}"])
+                    *extra(r), f"{r['ratio']:.2f}", f"{r['seconds']:.1f}"])
     return out
 
 
 SUMMARY_HEADERS = ["method", "pattern", "target", "sparsity", "perplexity", "x dense", "prune s"]
+
+
+def summary_headers(data: dict) -> list[str]:
+    others = _other_domains(data)
+    if not others:
+        return SUMMARY_HEADERS
+    return SUMMARY_HEADERS[:5] + [f"ppl {n}" for n in others] + ["geomean"] + SUMMARY_HEADERS[5:]
