@@ -36,19 +36,22 @@ SC_AVX512BF static int split_bf16_x(const float *x, uint16_t *hi, uint16_t *lo, 
 }
 
 #define SC_DP(acc, w, xv) _mm512_dpbf16_ps(acc, (__m512bh)(w), (__m512bh)(xv))
+/* mask word W of the row: e0 and e1 hold its two halves' values in place (zeros elsewhere); v moves past them */
+#define SC_EXPAND_WORD_BF16(W)                                                                                 \
+    const uint64_t u = m[W];                                                                                   \
+    _mm_prefetch((const char *)v + SC_PF_ROW, _MM_HINT_T0);                                                    \
+    const unsigned k0 = (unsigned)u, k1 = (unsigned)(u >> 32);                                                 \
+    const __m512i e0 = expand32_bf16(v, k0);                                                                   \
+    v += _mm_popcnt_u32(k0);                                                                                   \
+    const __m512i e1 = expand32_bf16(v, k1);                                                                   \
+    v += _mm_popcnt_u32(k1);
 
 SC_AVX512BF SC_NOINLINE static float bm_row_dp_bf16(const uint16_t *xh, const uint64_t *m, const uint16_t *v,
                                                     int64_t words) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (int64_t w = 0; w < words; ++w) {
-        const uint64_t u = m[w];
         const uint16_t *xp = xh + w * 64;
-        _mm_prefetch((const char *)v + SC_PF_ROW, _MM_HINT_T0);
-        const unsigned k0 = (unsigned)u, k1 = (unsigned)(u >> 32);
-        const __m512i e0 = expand32_bf16(v, k0);
-        v += _mm_popcnt_u32(k0);
-        const __m512i e1 = expand32_bf16(v, k1);
-        v += _mm_popcnt_u32(k1);
+        SC_EXPAND_WORD_BF16(w)
         a0 = SC_DP(a0, e0, _mm512_loadu_si512((const void *)xp));
         a1 = SC_DP(a1, e1, _mm512_loadu_si512((const void *)(xp + 32)));
     }
@@ -59,13 +62,7 @@ SC_AVX512BF SC_NOINLINE static float bm_row_dp2_bf16(const uint16_t *xh, const u
                                                      const uint16_t *v, int64_t words) {
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
     for (int64_t w = 0; w < words; ++w) {
-        const uint64_t u = m[w];
-        _mm_prefetch((const char *)v + SC_PF_ROW, _MM_HINT_T0);
-        const unsigned k0 = (unsigned)u, k1 = (unsigned)(u >> 32);
-        const __m512i e0 = expand32_bf16(v, k0);
-        v += _mm_popcnt_u32(k0);
-        const __m512i e1 = expand32_bf16(v, k1);
-        v += _mm_popcnt_u32(k1);
+        SC_EXPAND_WORD_BF16(w)
         a0 = SC_DP(a0, e0, _mm512_loadu_si512((const void *)(xh + w * 64)));
         a1 = SC_DP(a1, e1, _mm512_loadu_si512((const void *)(xh + w * 64 + 32)));
         b0 = SC_DP(b0, e0, _mm512_loadu_si512((const void *)(xl + w * 64)));
@@ -106,6 +103,7 @@ SC_AVX512BF SC_NOINLINE static float dn_row_dp_bf16(const uint16_t *xh, const ui
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(b0, b1)));
 }
 #undef SC_DP
+#undef SC_EXPAND_WORD_BF16
 
 SC_AVX512BF static void run_avx512x_bf16(const Job *j, int64_t r0, int64_t r1) {
     if (j->M != 1) {
