@@ -203,6 +203,8 @@ CASES = [
          out=None),
     Case("eval-encoder", "attends to later tokens",
          lambda w, d: ["eval", str(w["encoder"]), "--data", str(w["text"]), "--seqlen", "32", "--quiet"]),
+    Case("eval-encoder-no-quiet", "attends to later tokens",  # found after the model loaded: no loading bar
+         lambda w, d: ["eval", str(w["encoder"]), "--data", str(w["text"]), "--seqlen", "32"]),
     Case("eval-metadata-list", "not an object",
          lambda w, d: ["eval", str(w["meta_list"]), "--seqlen", "32", "--quiet"]),
     Case("eval-truncated", "truncated", lambda w, d: ["eval", str(w["truncated"]), "--quiet"]),

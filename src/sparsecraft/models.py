@@ -296,6 +296,7 @@ def load_model(spec: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # its weight-loading bar would put a second line before any later error
     torch_dtype = _parse_dtype(dtype)
     spec = str(spec)
     path = default_model_file() if spec == DEFAULT_MODEL else Path(spec).expanduser()
