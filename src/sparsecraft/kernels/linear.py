@@ -254,8 +254,7 @@ def _relocate(param: nn.Parameter) -> None:
     """Move a large CPU weight (the dense path's) into a huge-page stream buffer, in place: the Parameter object and
     its values stay the same, so every module sharing it (tied embeddings) sees the new storage."""
     nbytes = param.numel() * param.element_size()
-    if not HUGEPAGES or nbytes < 4 << 20 or param.device.type != "cpu" or param.requires_grad and \
-            torch.is_grad_enabled() and param.grad is not None:
+    if not HUGEPAGES or nbytes < 4 << 20 or param.device.type != "cpu":
         return
     buf = _stream_buffer(require(), param.numel(), param.dtype)
     if buf.data_ptr() % _HUGE == 0:  # a huge-page mapping (else keep the weight where it is)
