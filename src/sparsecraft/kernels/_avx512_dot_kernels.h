@@ -166,15 +166,22 @@ SC_AVX512VN static void quantize_x_u8(const float *x, int64_t words, uint8_t *q1
     }
 }
 
-/* one mask word: the values placed, signed by x, dotted with both halves of x */
+/* one mask word: the values placed, signed by x, dotted with both halves of x; then a block's sums scaled once */
 #define SC_VNNI_WORD(W)                                                                                        \
     {                                                                                                          \
         const uint64_t u = m[W];                                                                               \
-        __m512i e = expand64_i8(v, u);               \
+        __m512i e = expand64_i8(v, u);                                                                         \
         v += _mm_popcnt_u64(u);                                                                                \
         e = _mm512_mask_sub_epi8(e, (__mmask64)sgn[W], z, e);                                                  \
         d1 = _mm512_dpbusd_epi32(d1, _mm512_loadu_si512((const void *)(q1 + (W) * 64)), e);                    \
         d2 = _mm512_dpbusd_epi32(d2, _mm512_loadu_si512((const void *)(q2 + (W) * 64)), e);                    \
+    }
+
+#define SC_VNNI_BLOCK_SUM(B)                                                                                   \
+    {                                                                                                          \
+        const __m512 sb = _mm512_set1_ps(s[B]);                                                                \
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), sb, a1);                                                  \
+        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), sb, a2);                                                  \
     }
 
 SC_AVX512VN SC_NOINLINE static float bm_row_vnni_i8(const uint8_t *q1, const uint8_t *q2, const uint64_t *sgn,
@@ -187,20 +194,17 @@ SC_AVX512VN SC_NOINLINE static float bm_row_vnni_i8(const uint8_t *q1, const uin
         _mm_prefetch((const char *)v + SC_PF_ROW, _MM_HINT_T0);
         __m512i d1 = z, d2 = z;
         SC_VNNI_WORD(w) SC_VNNI_WORD(w + 1) SC_VNNI_WORD(w + 2) SC_VNNI_WORD(w + 3)
-        const __m512 sb = _mm512_set1_ps(s[b]);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), sb, a1);
-        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), sb, a2);
+        SC_VNNI_BLOCK_SUM(b)
     }
     if (w < words) {
         __m512i d1 = z, d2 = z;
         for (; w < words; ++w) SC_VNNI_WORD(w)
-        const __m512 sb = _mm512_set1_ps(s[b]);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), sb, a1);
-        a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), sb, a2);
+        SC_VNNI_BLOCK_SUM(b)
     }
     return _mm512_reduce_add_ps(_mm512_fmadd_ps(a2, _mm512_set1_ps(1.0f / 256.0f), a1));
 }
 #undef SC_VNNI_WORD
+#undef SC_VNNI_BLOCK_SUM
 
 SC_AVX512VN static void run_avx512x_i8(const Job *j, int64_t r0, int64_t r1) {
     if (j->M != 1 || j->format != FMT_BITMASK) {

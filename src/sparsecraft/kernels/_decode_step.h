@@ -7,7 +7,7 @@
  *
  * The model is described by int64 arrays that the Python side fills from the model's modules:
  *   header: STEP_HEADER values (see the enum; H_ROUND_BF16: round the inputs of bf16 projections to bf16, see
- *           step_linear), then the lm_head linear (LIN_FIELDS)
+ *           step_round_input), then the lm_head linear (LIN_FIELDS)
  *   layers: per block LAYER_FIELDS values: 7 linears (q, k, v, o, gate, up, down), then ln1, ln2, q_norm, k_norm
  *           (float32 weights, q/k norms 0 when absent), k cache, v cache (float32 [kv_heads, max_len, head_dim]),
  *           the sliding window (0: none)
@@ -21,13 +21,18 @@ enum { H_LAYERS, H_HIDDEN, H_HEADS, H_KV_HEADS, H_HEAD_DIM, H_INTER, H_VOCAB, H_
        H_NORM, H_ROUND_BF16, STEP_HEADER };
 enum { L_LINEARS = 0, L_LN1 = 7 * LIN_FIELDS, L_LN2, L_QN, L_KN, L_KCACHE, L_VCACHE, L_WINDOW, LAYER_FIELDS };
 
-/* y[N] (float32) = W x (+ b) for x float32 padded with zeros to a multiple of 64. With round_bf16, a projection
- * with bf16 values first rounds x in place to bf16 (round to nearest even; x is only ever a projection's input, and
- * rounding twice changes nothing), as the model's own bf16 forward feeds it: the kernels then take one vdpbf16ps
- * per 32 values instead of two. */
-static void step_linear(const int64_t *d, float *x, float *y, int path, int nthreads, int round_bf16) {
-    if (round_bf16 && d[LIN_WTYPE] == DT_BF16)
+/* With round_bf16, the input x (K values) shared by the `count` projections at d (q/k/v, gate/up, or one) is rounded in
+ * place to bf16 (round to nearest even) when one of them has bf16 values, as the model's own bf16 forward feeds
+ * them: the kernels then take one vdpbf16ps per 32 values instead of two. x is only ever a projection's input. */
+static void step_round_input(float *x, const int64_t *d, int count, int round_bf16) {
+    int bf16 = 0;
+    for (int i = 0; i < count; ++i) bf16 |= d[i * LIN_FIELDS + LIN_WTYPE] == DT_BF16;
+    if (round_bf16 && bf16)
         for (int64_t i = 0; i < d[LIN_K]; ++i) x[i] = to_f32_bf16(from_f32_bf16(x[i]));
+}
+
+/* y[N] (float32) = W x (+ b) for x float32 padded with zeros to a multiple of 64 */
+static void step_linear(const int64_t *d, const float *x, float *y, int path, int nthreads) {
     Job j;
     memset(&j, 0, sizeof(j));
     j.dtype = DT_F32;
@@ -123,9 +128,10 @@ static PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_
         const int64_t *ly = layers + l * LAYER_FIELDS;
         const int64_t *lin = ly + L_LINEARS;
         step_rmsnorm(x, (const float *)(uintptr_t)ly[L_LN1], eps, E, xn);
-        TIMED(0, step_linear(lin + 0 * LIN_FIELDS, xn, q, path, nthreads, rnd);
-              step_linear(lin + 1 * LIN_FIELDS, xn, k, path, nthreads, rnd);
-              step_linear(lin + 2 * LIN_FIELDS, xn, v, path, nthreads, rnd));
+        step_round_input(xn, lin, 3, rnd);
+        TIMED(0, step_linear(lin + 0 * LIN_FIELDS, xn, q, path, nthreads);
+              step_linear(lin + 1 * LIN_FIELDS, xn, k, path, nthreads);
+              step_linear(lin + 2 * LIN_FIELDS, xn, v, path, nthreads));
         const double t_attn = timing ? step_now() : 0.0;
         const float *qn = (const float *)(uintptr_t)ly[L_QN], *kn = (const float *)(uintptr_t)ly[L_KN];
         float *kc = (float *)(uintptr_t)ly[L_KCACHE], *vc = (float *)(uintptr_t)ly[L_VCACHE];
@@ -163,17 +169,21 @@ static PyObject *py_decode_step(PyObject *self, PyObject *const *args, Py_ssize_
             }
         }
         if (timing) timing[1] += step_now() - t_attn;
-        TIMED(0, step_linear(lin + 3 * LIN_FIELDS, att, xn, path, nthreads, rnd));
+        step_round_input(att, lin + 3 * LIN_FIELDS, 1, rnd);
+        TIMED(0, step_linear(lin + 3 * LIN_FIELDS, att, xn, path, nthreads));
         for (int64_t i = 0; i < E; ++i) x[i] += xn[i];
         step_rmsnorm(x, (const float *)(uintptr_t)ly[L_LN2], eps, E, xn);
-        TIMED(0, step_linear(lin + 4 * LIN_FIELDS, xn, g, path, nthreads, rnd);
-              step_linear(lin + 5 * LIN_FIELDS, xn, u, path, nthreads, rnd));
+        step_round_input(xn, lin + 4 * LIN_FIELDS, 2, rnd);
+        TIMED(0, step_linear(lin + 4 * LIN_FIELDS, xn, g, path, nthreads);
+              step_linear(lin + 5 * LIN_FIELDS, xn, u, path, nthreads));
         for (int64_t i = 0; i < I; ++i) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        TIMED(0, step_linear(lin + 6 * LIN_FIELDS, g, xn, path, nthreads, rnd));
+        step_round_input(g, lin + 6 * LIN_FIELDS, 1, rnd);
+        TIMED(0, step_linear(lin + 6 * LIN_FIELDS, g, xn, path, nthreads));
         for (int64_t i = 0; i < E; ++i) x[i] += xn[i];
     }
     step_rmsnorm(x, (const float *)(uintptr_t)hd[H_NORM], eps_out, E, xn);
-    TIMED(0, step_linear(hd + STEP_HEADER, xn, logits, path, nthreads, rnd));
+    step_round_input(xn, hd + STEP_HEADER, 1, rnd);
+    TIMED(0, step_linear(hd + STEP_HEADER, xn, logits, path, nthreads));
     Py_END_ALLOW_THREADS
     sc_aligned_free(buf);
     Py_RETURN_NONE;
