@@ -98,15 +98,16 @@ def evaluate_domains(model, sources: list[TextSplits], *, tokenizer=None, seqlen
     {'perplexity', 'windows', 'tokens'}}, 'geomean', 'sparsity', 'layers', ...} (sparsecraft.evaluate's keys for
     the first source, plus 'domains' and 'geomean')."""
     from .api import evaluate
+    from .evaluate import perplexity
 
-    first = None
-    domains = {}
-    for splits in sources:
-        result = evaluate(model, splits, tokenizer=tokenizer, seqlen=seqlen, batch_size=batch_size,
-                          max_windows=max_windows, progress=progress)
-        domains[splits.name] = {k: result[k] for k in ("perplexity", "windows", "tokens")}
-        first = first or result
-    first = dict(first)
+    # the first source through sparsecraft.evaluate (its checks, the sparsity accounting); the others need only
+    # their windows scored
+    first = dict(evaluate(model, sources[0], tokenizer=tokenizer, seqlen=seqlen, batch_size=batch_size,
+                          max_windows=max_windows, progress=progress))
+    domains = {sources[0].name: {k: first[k] for k in ("perplexity", "windows", "tokens")}}
+    for name, windows in windows_for(sources[1:], tokenizer, seqlen, max_windows).items():
+        domains[name] = {"perplexity": perplexity(model, windows, batch_size=batch_size, progress=progress),
+                         "windows": int(windows.shape[0]), "tokens": int(windows.numel())}
     first["domains"] = domains
     first["geomean"] = geometric_mean(d["perplexity"] for d in domains.values())
     return first
