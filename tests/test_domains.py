@@ -186,3 +186,44 @@ def test_real_model_scores_both_domains_and_pruning_costs_on_each():
     assert dense["domains"]["builtin"]["perplexity"] != dense["domains"]["licenses"]["perplexity"]
     assert pruned["geomean"] == pytest.approx(math.sqrt(math.prod(d["perplexity"]
                                                                   for d in pruned["domains"].values())))
+
+
+needs_manpages = pytest.mark.skipif(not data.MANPAGES_LIST.is_file(), reason="Debian's manpages is not installed")
+
+
+def test_roff_text_keeps_prose_and_drops_requests():
+    source = "\n".join([
+        '.\\" a comment', ".TH pipe 7 2022-12-04", ".SH NAME", "pipe \\- overview of pipes", ".SH DESCRIPTION",
+        "A pipe has a", ".I read end", "and a", '.IR "write end" .', ".PP", "See", ".BR pipe (2)",
+        "for \\fBdetails\\fP\\(emreally.", ".TS", "tab(:);", "a:b", ".TE", ".EX", "int fd[2];", ".EE",
+        ".SS Notes", "Done\\&.",
+    ])
+    assert data.roff_text(source) == ("NAME\n\npipe - overview of pipes\n\nDESCRIPTION\n\nA pipe has a read end and "
+                                      "a write end.\n\nSee pipe(2) for details\u2014really.\n\nNotes\n\nDone.")
+    assert data.roff_text(".so man7/other.7\n") == ""
+
+
+@needs_manpages
+@needs_licenses
+def test_validation_domain_is_disjoint_from_calibration_and_test_texts():
+    """The validation text (man pages), once load_sources has made it disjoint from the calibration text, shares no
+    paragraph with it, and with the test texts (the built-in held-out split, licenses) at most one-word headings
+    ("Notes:"), so choosing settings on it sees neither."""
+    from sparsecraft.domains import VALIDATION_DATA
+
+    builtin, licenses, manpages = load_text("builtin"), load_text("licenses"), load_text(VALIDATION_DATA)
+    assert manpages.name == "manpages" and len(manpages.evaluation) > 50_000
+    sources = load_sources(["builtin", "licenses", VALIDATION_DATA], builtin)
+    assert [s.name for s in sources] == ["builtin", "licenses", "manpages"]
+    for source in sources:
+        assert not paragraphs(source.evaluation) & paragraphs(builtin.calibration)
+    valid = paragraphs(sources[2].evaluation)
+    assert not paragraphs(manpages.calibration) & valid
+    for test in (builtin.evaluation, licenses.calibration + "\n\n" + licenses.evaluation):
+        assert all(len(p.split()) == 1 for p in valid & paragraphs(test))
+
+
+def test_missing_manpages_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MANPAGES_LIST", tmp_path / "none.list")
+    with pytest.raises(DataError, match="apt-get install manpages"):
+        load_text("manpages")

@@ -112,3 +112,46 @@ def test_prune_model_refuses_unresolved_search(tiny_llama, calib_ids):
 
     with pytest.raises(ConfigError, match="sparsecraft.prune"):
         prune_model(tiny_llama, calib_ids, Recipe(method="wanda", allocation="search"), progress=False)
+
+
+def test_fitness_windows_come_from_the_fitness_source_minus_calibration_text(byte_tokenizer, tmp_path):
+    """search_fitness_data (issue 14, part 5): the candidates are scored on the named source's calibration part,
+    with every paragraph the calibration text also has removed, drawn with seed + 1."""
+    from conftest import make_text
+    from sparsecraft.data import calibration_batch, load_text, tokenize
+    from sparsecraft.search import fitness_windows
+
+    shared = make_text(10, 300, seed=1).split("\n\n")
+    calib, other = tmp_path / "calib.txt", tmp_path / "other.txt"
+    calib.write_text("\n\n".join(shared[:5]) + "\n\n" + make_text(10, 300, seed=2))
+    other.write_text("\n\n".join(shared[:5]) + "\n\n" + make_text(10, 300, seed=3).upper())
+    recipe = Recipe(method="sparsegpt", sparsity=0.6, seqlen=32, search_fitness_samples=3, seed=4,
+                    search_fitness_data=str(other))
+    calibration_text = load_text(calib).calibration
+    windows = fitness_windows(byte_tokenizer, recipe, calibration_text)
+    kept = [p for p in load_text(other).calibration.split("\n\n")
+            if " ".join(p.split()) not in {" ".join(q.split()) for q in calibration_text.split("\n\n")}]
+    assert 0 < len(kept) < len(load_text(other).calibration.split("\n\n"))  # some shared paragraphs were dropped
+    expected = calibration_batch(tokenize(byte_tokenizer, "\n\n".join(kept)), 3, 32, 5)
+    assert torch.equal(windows, expected)
+    assert not torch.equal(windows, calibration_batch(tokenize(byte_tokenizer, calibration_text), 3, 32, 5))
+
+
+def test_cli_search_scores_on_the_fitness_data(capsys, llama_dir, text_file, tmp_path):
+    from conftest import make_text
+
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(20, 300, seed=5).upper())
+    common = ["--model", str(llama_dir), "--data", str(text_file), "--nsamples", "4", "--seqlen", "32",
+              "--method", "wanda", "--sparsity", "0.6", "--budget", "10s", "--fitness-samples", "2",
+              "--max-eval-windows", "2", "--quiet"]
+    assert main(["search", *common, "--fitness-data", str(other), "--out", str(tmp_path / "a")]) == 0
+    assert main(["search", *common, "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.loads((tmp_path / n / "sparsecraft.json").read_text()) for n in "ab")
+    assert a["recipe"]["search_fitness_data"] == str(other) and b["recipe"]["search_fitness_data"] is None
+    assert a["search"]["uniform_kl"] != b["search"]["uniform_kl"]  # the same uniform model, scored on other text
+    capsys.readouterr()
+    rc = main(["search", *common, "--fitness-data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()

@@ -70,11 +70,13 @@ def _prune(model: nn.Module, calibration, recipe: Recipe, tokenizer, device, pro
     if recipe.needs_data and isinstance(calibration, torch.Tensor):
         ids = calibration_ids(calibration, tokenizer, recipe)
     elif recipe.needs_data:
-        tokens = tokenize(tokenizer, _splits(calibration).calibration)
+        calibration_text = _splits(calibration).calibration
+        tokens = tokenize(tokenizer, calibration_text)
         ids = calibration_batch(tokens, recipe.nsamples, recipe.seqlen, recipe.seed)
     search = None
     if recipe.allocation == "search":
-        recipe, search = _search(model, tokens, ids, recipe, device, progress)
+        recipe, search = _search(model, tokens, ids, recipe, device, progress, tokenizer,
+                                 calibration_text if tokens is not None else None)
     torch.manual_seed(recipe.seed)
     report = prune_model(model, ids, recipe, device=device, progress=progress)
     if search is not None:
@@ -83,14 +85,19 @@ def _prune(model: nn.Module, calibration, recipe: Recipe, tokenizer, device, pro
     return report
 
 
-def _search(model, tokens, ids, recipe: Recipe, device, progress: bool) -> tuple[Recipe, dict]:
+def _search(model, tokens, ids, recipe: Recipe, device, progress: bool, tokenizer=None,
+            calibration_text: str | None = None) -> tuple[Recipe, dict]:
     """allocation=search: find per-block sparsities (search.py) and return the recipe that replays them
-    (uniform allocation + overrides), with a summary of the search. Candidates are scored on windows drawn from
-    the calibration text with seed + 1, or, when only token ids were given, on the first calibration windows."""
-    from .search import parse_budget, search_levels, searched_recipe
+    (uniform allocation + overrides), with a summary of the search. Candidates are scored on windows drawn with
+    seed + 1 from `search_fitness_data`'s calibration part when the recipe names one (the validation domain, so the
+    search does not overfit the calibration windows), else from the calibration text, or, when only token ids were
+    given, on the first calibration windows."""
+    from .search import fitness_windows, parse_budget, search_levels, searched_recipe
 
     budget = parse_budget(recipe.search_budget)
-    if tokens is None:
+    if recipe.search_fitness_data is not None:
+        windows = fitness_windows(tokenizer, recipe, calibration_text)
+    elif tokens is None:
         windows = ids[:recipe.search_fitness_samples]
     else:
         windows = calibration_batch(tokens, recipe.search_fitness_samples, recipe.seqlen, recipe.seed + 1)

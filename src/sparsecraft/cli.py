@@ -67,6 +67,12 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dsnot-cycles", type=int, default=None, help="DSnoT: at most this many swaps per row (50)")
     p.add_argument("--dsnot-threshold", type=finite_float, default=None,
                    help="DSnoT: stop a row at |shift| <= this (0.1)")
+    p.add_argument("--refit-ridge", type=finite_float, default=None,
+                   help="refit: pull towards the one-shot weights, x mean diag(H) (0: plain least squares)")
+    p.add_argument("--refit-shrink", type=finite_float, default=None,
+                   help="refit: shrink the Hessian towards its diagonal, share of the off-diagonal removed in [0, 1]")
+    p.add_argument("--refit-iters", type=int, default=None, help="refit: conjugate-gradient steps (50)")
+    p.add_argument("--refit-damp", type=finite_float, default=None, help="refit's own dampening (default: --damp)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--dtype", default=None, help="load the model in float32, bfloat16 or float16")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -93,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-steps", type=int, default=None, help="levels on each side of the target (3)")
     s.add_argument("--fitness-samples", type=int, default=None, help="calibration windows scoring each candidate (4)")
     s.add_argument("--offspring", type=int, default=None, help="candidates per generation (8)")
+    s.add_argument("--fitness-data", default=None,
+                   help="score candidates on windows of this text instead of the calibration text (e.g. manpages, "
+                        "the validation domain: its calibration part)")
     _add_data_args(s)
 
     e = sub.add_parser("eval", help="perplexity and sparsity of a model")
@@ -140,7 +149,8 @@ def _recipe(args):
         batch_size=args.batch_size, damp=args.damp, blocksize=args.blocksize, allocation=args.allocation,
         owl_lambda=args.owl_lambda, owl_m=args.owl_m, refine=args.refine, dsnot_cycles=args.dsnot_cycles,
         dsnot_threshold=args.dsnot_threshold, dense_targets=args.dense_targets, permute=args.permute,
-        search_budget=args.search_budget, moe_calibration=args.moe_calibration,
+        search_budget=args.search_budget, moe_calibration=args.moe_calibration, refit_ridge=args.refit_ridge,
+        refit_shrink=args.refit_shrink, refit_iters=args.refit_iters, refit_damp=args.refit_damp,
     )
 
 
@@ -153,7 +163,7 @@ def cmd_search(args) -> int:
 
     recipe = api.make_recipe(_recipe(args), allocation="search", search_budget=args.budget, search_step=args.step,
                              search_max_steps=args.max_steps, search_fitness_samples=args.fitness_samples,
-                             search_offspring=args.offspring)
+                             search_offspring=args.offspring, search_fitness_data=args.fitness_data)
     return _prune(args, recipe)
 
 

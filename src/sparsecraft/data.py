@@ -14,6 +14,10 @@ Every source is split into a calibration part and a disjoint evaluation part:
   than the built-in corpus, the default out-of-domain evaluation text (sparsecraft.domains). One document per
   file (symlinks to the same file read once), paragraphs already seen in an earlier file dropped (license versions
   repeat each other), the same every-fifth-section held-out split.
+- ``manpages``: section 7 (overviews, conventions) of the Linux man-pages project, as Debian's ``manpages`` package
+  installs it (``apt-get install manpages``; its file list in /var/lib/dpkg/info/manpages.list), the roff source
+  read as plain text (tables and code examples dropped): systems prose, the validation domain that refinement
+  settings are chosen on (neither the calibration text nor the out-of-domain test text).
 - ``wikitext2``: the train split for calibration, the test split for evaluation (as in the papers).
 - ``c4``: the first shard of the train split for calibration, validation for evaluation.
 """
@@ -21,6 +25,7 @@ Every source is split into a calibration part and a disjoint evaluation part:
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +131,103 @@ def license_splits(directory: Path | None = None) -> TextSplits:
     if not docs:
         raise DataError(f"{directory} holds no text: pass another out-of-domain text with --eval-data")
     return split_documents("licenses", docs)
+
+
+MANPAGES_LIST = Path("/var/lib/dpkg/info/manpages.list")
+_ROFF_CHARS = {"em": "\u2014", "en": "\u2013", "aq": "'", "dq": '"', "lq": "\u201c", "rq": "\u201d", "oq": "\u2018",
+               "cq": "\u2019", "bu": "\u2022", "co": "\u00a9", "mu": "\u00d7", "rg": "\u00ae", "hy": "-",
+               "ti": "~", "ha": "^", "rs": "\\", "<=": "\u2264", ">=": "\u2265", "->": "\u2192", "de": "\u00b0"}
+_ROFF_ESCAPE = re.compile(r"\\(?:f(?:\[[^\]]*\]|\(..|.)|\((..)|\[([^\]]*)\]|\*(?:\[[^\]]*\]|\(..|.)"
+                          r"|s[+-]?\d|[&|^c%:]|(.))")
+_ROFF_SKIP = {"TS": "TE", "EX": "EE"}  # tables and code examples: not prose
+_ROFF_BREAK = {"SH", "SS", "PP", "LP", "P", "TP", "IP", "HP", "sp", "TQ"}
+_ROFF_ALTERNATE = {"BR", "RB", "IR", "RI", "BI", "IB"}
+
+
+def _roff_unescape(text: str) -> str:
+    def one(m: re.Match) -> str:
+        named = m.group(1) or m.group(2)
+        if named is not None:
+            return _ROFF_CHARS.get(named, "")
+        plain = m.group(3)
+        if plain is None:
+            return ""
+        return {"-": "-", "e": "\\", "~": " ", " ": " ", "0": " ", "'": "'", "`": "`", ".": "."}.get(plain, "")
+    return _ROFF_ESCAPE.sub(one, text)
+
+
+def roff_text(source: str) -> str:
+    """A man page's roff source as plain paragraphs: requests dropped (section headings and font macros keep
+    their words), escapes resolved, tables and code examples left out."""
+    import shlex
+
+    paragraphs: list[str] = []
+    current: list[str] = []
+    until = None
+
+    def flush() -> None:
+        if current:
+            paragraphs.append(" ".join(current))
+            current.clear()
+
+    for line in source.split("\n"):
+        if until is not None:
+            until = None if line.startswith(("." + until, "'" + until)) else until
+            continue
+        if line.startswith((".\\\"", "'\\\"", '.\\"')) or line.strip() in (".", "'"):
+            continue
+        if line.startswith((".", "'")):
+            name, _, rest = line[1:].strip().partition(" ")
+            if name in _ROFF_SKIP:
+                until = _ROFF_SKIP[name]
+                continue
+            if name == "so":  # a page that only points to another
+                return ""
+            try:
+                args = shlex.split(rest.replace("\\\"", "\x00"), posix=True)
+            except ValueError:
+                args = rest.split()
+            args = [a.replace("\x00", '"') for a in args]
+            if name in _ROFF_BREAK:
+                flush()
+                if name in ("SH", "SS") and args:
+                    paragraphs.append(_roff_unescape(" ".join(args)).strip())
+                continue
+            if name in ("B", "I", "SM", "SB"):
+                text = " ".join(args)
+            elif name in _ROFF_ALTERNATE:
+                text = "".join(args)
+            else:
+                continue
+        else:
+            text = line
+        text = _roff_unescape(text).strip()
+        if text:
+            current.append(text)
+    flush()
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+def manpage_splits(listing: Path | None = None) -> TextSplits:
+    import gzip
+
+    listing = MANPAGES_LIST if listing is None else listing
+    if not listing.is_file():
+        raise DataError(f"{listing} does not exist: install Debian's man pages (apt-get install manpages), or pass "
+                        "another validation text (a file)")
+    paths = sorted({Path(p).resolve() for p in listing.read_text().split() if re.search(r"/man7/[^/]+\.7(\.gz)?$", p)})
+    docs = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        text = roff_text(raw.decode("utf-8", errors="replace"))
+        if text.strip():
+            docs.append(text)
+    if not docs:
+        raise DataError(f"{listing} lists no section-7 man pages on disk: reinstall manpages (apt-get install "
+                        "--reinstall manpages)")
+    return split_documents("manpages", docs)
 
 
 def _read_text(path: Path) -> str:
@@ -241,19 +343,21 @@ def hf_splits(name: str) -> TextSplits:
 
 
 def load_text(spec: str | Path = "builtin") -> TextSplits:
-    """Resolve a data spec: 'builtin', 'licenses', 'wikitext2', 'c4', or a path to a UTF-8 text file, a .jsonl file
-    (one {"text": ...} per line) or a directory of them."""
+    """Resolve a data spec: 'builtin', 'licenses', 'manpages', 'wikitext2', 'c4', or a path to a UTF-8 text file, a
+    .jsonl file (one {"text": ...} per line) or a directory of them."""
     spec = str(spec)
     if spec == "builtin":
         return builtin_splits()
     if spec == "licenses":
         return license_splits()
+    if spec == "manpages":
+        return manpage_splits()
     if spec in _HF_DATASETS:
         return hf_splits(spec)
     path = Path(spec).expanduser()
     if path.exists() or path.suffix or "/" in spec:
         return file_splits(path)
-    raise DataError(f"unknown data {spec!r}: use builtin, licenses, wikitext2, c4 or a path to a text file")
+    raise DataError(f"unknown data {spec!r}: use builtin, licenses, manpages, wikitext2, c4 or a path to a text file")
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -12,6 +12,11 @@ Each source is evaluated on its own held-out split (every fifth section, as for 
 paragraph of it that also occurs in the calibration text is dropped, so no evaluation text is ever calibration
 text (`disjoint_from`). The report gives each source's perplexity and their geometric mean, the figure recipes are
 ranked by.
+
+A third source, ``manpages`` (section 7 of the Linux man pages, Debian's ``manpages`` package), is the
+*validation* domain: the refinement settings (refit's ridge/shrinkage/iterations, refine/refit.py) and the search's
+fitness (``search_fitness_data``) are chosen on it, so that neither the calibration text nor the test texts
+(held-out split, licenses) pick them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .data import TextSplits, load_text
 from .errors import DataError
 
 DEFAULT_EVAL_DATA = ("licenses",)
+VALIDATION_DATA = "manpages"  # what refinement defaults are chosen on: neither calibration nor test text
 
 
 def eval_specs(eval_data: str | list[str] | tuple[str, ...] | None, calibration: str = "builtin") -> list[str]:

@@ -48,12 +48,18 @@ class Recipe(PatternSparsity, YamlConfig):
     dense_targets: bool = False  # reconstruct towards the dense model's outputs (needs a second stream)
     dsnot_cycles: int = 50
     dsnot_threshold: float = 0.1
+    refit_ridge: float = 0.0  # refit: pull towards the one-shot weights, x mean diag(H) (refine/refit.py)
+    refit_shrink: float = 0.0  # refit: Hessian off-diagonals scaled by 1 - this (shrinkage towards the diagonal)
+    refit_iters: int = 50  # refit: conjugate-gradient steps
+    refit_damp: float | None = None  # refit's own dampening (None: damp)
     permute: bool = False  # N:M only: input-channel permutation folded into producer layers (permute.py)
     search_budget: str = "20m"  # allocation=search: wall time for database + evolution (90s, 20m, 1h)
     search_step: float = 0.05  # sparsity step between a block's levels
     search_max_steps: int = 3  # levels on each side of the target sparsity
     search_fitness_samples: int = 4  # calibration windows scoring each candidate (KL to the dense model)
     search_offspring: int = 8  # candidates per generation
+    search_fitness_data: str | None = None  # where the fitness windows come from (None: the calibration text;
+    # e.g. 'manpages', the validation domain: that source's calibration part, so its held-out split stays unseen)
     moe_calibration: str = "routed"  # MoE experts' statistics: routed (the tokens the router sends) or all tokens
 
     def __post_init__(self) -> None:
@@ -117,11 +123,19 @@ class Recipe(PatternSparsity, YamlConfig):
             raise ConfigError(f"dsnot_cycles must be a non-negative integer, got {self.dsnot_cycles!r}")
         if not float(self.dsnot_threshold) >= 0:
             raise ConfigError(f"dsnot_threshold must be >= 0, got {self.dsnot_threshold}")
+        if not float(self.refit_ridge) >= 0:
+            raise ConfigError(f"refit_ridge must be >= 0, got {self.refit_ridge}")
+        if not 0.0 <= float(self.refit_shrink) <= 1.0:
+            raise ConfigError(f"refit_shrink must be in [0, 1] (share of the Hessian's off-diagonal removed), got "
+                              f"{self.refit_shrink}")
+        if self.refit_damp is not None and not 0.0 <= float(self.refit_damp) < 1.0:
+            raise ConfigError(f"refit_damp must be in [0, 1) (fraction of the mean Hessian diagonal), got "
+                              f"{self.refit_damp}")
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ConfigError(f"seed {self.seed} is out of range: torch takes seeds from {SEED_RANGE[0]} to "
                               f"{SEED_RANGE[1]} (seed + 1 draws the search's windows)")
         for name in ("nsamples", "seqlen", "batch_size", "blocksize", "search_max_steps", "search_fitness_samples",
-                     "search_offspring"):
+                     "search_offspring", "refit_iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

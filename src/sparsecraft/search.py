@@ -219,14 +219,32 @@ def search_levels(model: nn.Module, calibration: torch.Tensor, fitness_windows: 
                         time.perf_counter() - start, history)
 
 
+def fitness_windows(tokenizer, recipe: Recipe, calibration_text: str | None, count: int | None = None) -> torch.Tensor:
+    """`count` (default search_fitness_samples) windows drawn with seed + 1 from the calibration part of
+    `search_fitness_data` (a data spec, e.g. 'manpages', the validation domain), minus every paragraph that also
+    occurs in `calibration_text`: the search then prefers allocations that hold on text the calibration never saw,
+    and that source's held-out split stays unseen too."""
+    from .data import TextSplits, calibration_batch, load_text, tokenize
+    from .domains import disjoint_from
+
+    text = load_text(recipe.search_fitness_data).calibration
+    if calibration_text:
+        text = disjoint_from(TextSplits(recipe.search_fitness_data, "", text), calibration_text).evaluation
+    return calibration_batch(tokenize(tokenizer, text), recipe.search_fitness_samples if count is None else count,
+                             recipe.seqlen, recipe.seed + 1)
+
+
 def search_recipe(model: nn.Module, tokenizer, calibration_text: str, calibration: torch.Tensor, recipe: Recipe,
                   budget_s: float, fitness_samples: int = 4, **options) -> tuple[Recipe, SearchResult]:
     """Search on `calibration` ids, scoring candidates on `fitness_samples` windows drawn (with seed + 1) from
     the calibration text; returns the recipe that replays the winner, and the search result."""
     from .data import calibration_batch, tokenize
 
-    windows = calibration_batch(tokenize(tokenizer, calibration_text), fitness_samples, recipe.seqlen,
-                                recipe.seed + 1)
+    if recipe.search_fitness_data is not None:
+        windows = fitness_windows(tokenizer, recipe, calibration_text, fitness_samples)
+    else:
+        windows = calibration_batch(tokenize(tokenizer, calibration_text), fitness_samples, recipe.seqlen,
+                                    recipe.seed + 1)
     result = search_levels(model, calibration, windows, recipe, budget_s, **options)
     return searched_recipe(recipe, result, find_blocks(model)[0]), result
 
