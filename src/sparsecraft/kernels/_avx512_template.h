@@ -14,7 +14,7 @@
  * Every function here is compiled for avx512f and only called after a runtime CPU check; the per-thread driver
  * FN(run) comes from _run_template.h. One expand instruction places 16 values (the AVX2 path needs a table lookup,
  * a shuffle and a popcount per 8), so each 64-bit mask word takes 4 steps (2 with WIDE16). Decode (one x row) runs
- * one weight row at a time (GEMV_ROW). SFX, WT and WIDE16 are undefined at the end. */
+ * one weight row at a time (bm_gemv_row). SFX, WT and WIDE16 are undefined at the end. */
 
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
@@ -28,7 +28,6 @@
 #define FN(name) CAT(CAT(name, avx512), SFX)
 #define ISA_ATTR SC_AVX512
 #endif
-#define GEMV_ROW 1
 #define VEC __m512
 #define VHSUM(v) hsum512(v)
 #define LANES 16

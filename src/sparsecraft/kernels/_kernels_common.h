@@ -10,7 +10,7 @@
 #ifndef SC_PF_VALUES
 #define SC_PF_VALUES 4096
 #endif
-#ifndef SC_PF_ROW /* the one-row GEMV kernels (GEMV_ROW): values only */
+#ifndef SC_PF_ROW /* the AVX-512 one-row GEMV kernels: values only */
 #define SC_PF_ROW 1024
 #endif
 #ifndef SC_PF_MASK

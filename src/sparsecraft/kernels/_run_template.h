@@ -2,9 +2,8 @@
  * that ISA's kernels. Included at the end of _avx2_template.h / _avx512_template.h, which define
  *   FN(name)   the name with the ISA and value type suffix; SFX that suffix (f32, bf16, f16, i8); WT the stored type
  *   ISA_ATTR   the function target attribute; VEC the vector type; VHSUM(v) its horizontal sum; LANES its fp32 lanes
- * and the kernels FN(bm_gemv_pair), FN(dn_gemv_row) (dense over [0, kv), kv = K rounded down to LANES),
- * FN(bm_tile) and FN(dn_tile); with GEMV_ROW defined, bitmask decode calls the one-row kernel FN(bm_gemv_row)
- * instead of the pair. Undefines those macros at its end. */
+ * and the kernels FN(bm_gemv_row) (bitmask decode, one weight row), FN(dn_gemv_row) (dense over [0, kv), kv = K
+ * rounded down to LANES), FN(bm_tile) and FN(dn_tile). Undefines those macros at its end. */
 
 /* ---- one thread's share: output rows [r0, r1) for all M x rows ---- */
 ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
@@ -21,7 +20,6 @@ ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
             }
             return;
         }
-#ifdef GEMV_ROW
         const float *xr = x; /* the bitmask row kernel's x */
 #ifdef ROW_X_PERMUTE
         float *xperm = (float *)sc_aligned_alloc((size_t)kp * sizeof(float));
@@ -33,16 +31,6 @@ ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
             store_out(j, 0, r, FN(bm_gemv_row)(xr, j->mask + r * words, vals + j->rowptr[r], words));
 #ifdef ROW_X_PERMUTE
         sc_aligned_free(xperm);
-#endif
-#else
-        for (int64_t r = r0; r < r1; r += 2) {
-            int64_t s = r + 1 < r1 ? r + 1 : r; /* odd tail: compute the last row twice */
-            float o0, o1;
-            FN(bm_gemv_pair)(x, j->mask + r * words, j->mask + s * words, vals + j->rowptr[r], vals + j->rowptr[s],
-                             words, &o0, &o1);
-            store_out(j, 0, r, o0);
-            if (s != r) store_out(j, 0, s, o1);
-        }
 #endif
         return;
     }
@@ -113,4 +101,3 @@ ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
 #undef LOADV
 #undef CAT
 #undef CAT_
-#undef GEMV_ROW
