@@ -9,6 +9,9 @@ included) and peak RSS.
 Rows are cached in --cache (keyed by the full row spec, with the commit that measured them), so a long table can
 be built over several invocations: a killed run resumes where it stopped. `--no-cache` measures everything anew.
 
+Every row is scored on the calibration source's held-out split, on `licenses` (the out-of-domain test text) and on
+`manpages` (the validation domain the refit's robust settings are chosen on; sparsecraft.domains), by default.
+
     python bench/quality.py --markdown                        # the full table (hours on 2 CPU cores)
     python bench/quality.py --settings 0.7,2:4 --markdown     # the acceptance settings only
 """
@@ -34,6 +37,10 @@ ROWS = {
     "+ dsnot": ("sparsegpt", {"refine": ["dsnot"]}, "u nm"),
     "+ refit": ("sparsegpt", {"refine": ["refit"]}, "u nm"),
     "+ permute": ("sparsegpt", {"permute": True}, "nm"),
+    # issue 14, part 2: the refit's robust settings (refine/refit.py), chosen on the validation domain (manpages)
+    "+ refit, ridge 1": ("sparsegpt", {"refine": ["refit"], "refit_ridge": 1.0}, "u nm"),
+    "+ refit, shrink 0.5": ("sparsegpt", {"refine": ["refit"], "refit_shrink": 0.5}, "u nm"),
+    "+ refit, 5 CG steps": ("sparsegpt", {"refine": ["refit"], "refit_iters": 5}, "u nm"),
     "+ search": ("sparsegpt", {"search": True}, "search"),
     "owl + dsnot + refit": ("sparsegpt", {"allocation": "owl", "refine": ["dsnot", "refit"]}, "u"),
     "dsnot + refit": ("sparsegpt", {"refine": ["dsnot", "refit"]}, "nm"),
@@ -111,6 +118,8 @@ def main() -> None:
                     help="measure nothing: print the rows already in --cache, the others as 'not measured'")
     add_common_args(ap)
     args = ap.parse_args()
+    if args.eval_data is None:  # the out-of-domain test text and the validation domain refinements are chosen on
+        args.eval_data = ["licenses", "manpages"]
     if args.cached_only and args.no_cache:
         sys.exit("--cached-only prints the cache; it cannot go with --no-cache")
     cache = RowCache(None if args.no_cache else args.cache, run=None if args.cached_only else run_isolated,
