@@ -1,6 +1,7 @@
 """sparsecraft: make neural networks sparse, smaller and faster without losing their quality."""
 
 from ._version import __version__
+from .activation import activate
 from .api import evaluate, export, load, prune, save
 from .data import load_text
 from .errors import SparsecraftError
@@ -18,6 +19,7 @@ __all__ = [
     "Recipe",
     "SparsecraftError",
     "__version__",
+    "activate",
     "densify_model",
     "evaluate",
     "export",

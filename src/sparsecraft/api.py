@@ -167,6 +167,10 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, kernels: bool
     model.sparsecraft = read_metadata(path) if Path(path).is_dir() else {}
     model.tokenizer = tokenizer
     _kernels_hook(model, path, kernels)
+    if Path(path).is_dir():
+        from .activation import install_saved
+
+        install_saved(model, path)  # activation-sparsity thresholds stored with the model, if any
     return model
 
 

@@ -205,8 +205,8 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
 
 
 def save_model(model: nn.Module, path: str | Path, tokenizer=None, metadata: dict | None = None,
-               force: bool = False, files: dict[str, str] | None = None) -> Path:
-    """Save `model` (safetensors), its tokenizer, `metadata` (as sparsecraft.json) and extra text `files`
+               force: bool = False, files: dict[str, str | bytes] | None = None) -> Path:
+    """Save `model` (safetensors), its tokenizer, `metadata` (as sparsecraft.json) and extra `files` (text or bytes)
     atomically."""
     path = check_output(path, force)
 
@@ -216,8 +216,12 @@ def save_model(model: nn.Module, path: str | Path, tokenizer=None, metadata: dic
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / METADATA_FILE, metadata or {})
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
+        for name, content in (files or {}).items():  # text or bytes; a name may have a subdirectory
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
 
     atomic_directory(path, write)
     return path

@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_kernels import add_parsers as add_kernel_parsers  # `bench` and `generate` (CPU sparse kernels)
 
     add_kernel_parsers(sub)
+
+    from .cli_activate import add_parser as add_activate_parser  # `activate` (activation sparsity)
+
+    add_activate_parser(sub, _add_data_args)
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="print the traceback of an unexpected error")
@@ -249,9 +253,16 @@ def cmd_eval(args) -> int:
     splits = api.load_text(args.data or "builtin")  # bad text fails before the model loads
     sources = load_sources(eval_specs(args.eval_data, args.data or "builtin"), splits)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    result = evaluate_domains(model, sources, tokenizer=tokenizer, seqlen=args.seqlen,
-                              batch_size=args.eval_batch_size, max_windows=args.max_eval_windows,
-                              progress=not args.quiet)
+    from .cli_activate import installed_for_eval, print_activation
+
+    activation = installed_for_eval(model, args.model)  # thresholds in the directory: applied and measured
+    with activation or contextlib.nullcontext():
+        result = evaluate_domains(model, sources, tokenizer=tokenizer, seqlen=args.seqlen,
+                                  batch_size=args.eval_batch_size, max_windows=args.max_eval_windows,
+                                  progress=not args.quiet)
+    if activation is not None:
+        result["activation"] = activation.summary()
+        print_activation(result["activation"])
     result["data"] = str(args.data or "builtin")  # as given, as before
     if args.layers:
         print(format_table(["layer", "shape", "sparsity"],
@@ -427,13 +438,14 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _run(args) -> int:
+    from .cli_activate import cmd_activate
     from .cli_finetune import cmd_finetune
     from .cli_kernels import cmd_bench, cmd_generate
     from .cli_report import cmd_report, cmd_sweep
 
-    return {"prune": cmd_prune, "search": cmd_search, "eval": cmd_eval, "sweep": cmd_sweep,
-            "report": cmd_report, "export": cmd_export, "finetune": cmd_finetune, "bench": cmd_bench,
-            "generate": cmd_generate}[args.command](args)
+    return {"activate": cmd_activate, "prune": cmd_prune, "search": cmd_search, "eval": cmd_eval,
+            "sweep": cmd_sweep, "report": cmd_report, "export": cmd_export, "finetune": cmd_finetune,
+            "bench": cmd_bench, "generate": cmd_generate}[args.command](args)
 
 
 if __name__ == "__main__":
