@@ -24,6 +24,7 @@ VARIANTS = {
     "shrink0.2": {"refine": ["refit"], "refit_shrink": 0.2},
     "iters5": {"refine": ["refit"], "refit_iters": 5},
     "rdamp0.1": {"refine": ["refit"], "refit_damp": 0.1},
+    "fit200": {"refine": ["refit"], "refit_iters": 200, "refit_damp": 0.001},  # the other way: fit harder
     "dense": None,
 }
 
