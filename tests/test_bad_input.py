@@ -524,3 +524,40 @@ def test_sigterm_while_checkpointing_keeps_the_finished_checkpoints_only(work, t
     assert "terminated (SIGTERM)" in err and "checkpoints are kept in" in err and "--resume" in err
     assert [p.name for p in checkpoints(ckpt)] == ["checkpoint-000001"]
     assert not list(ckpt.glob(".checkpoint-*")) and not out.exists()
+
+
+def test_resume_from_a_corrupt_checkpoint_is_a_one_line_error(work, tmp_path, capsys, monkeypatch):
+    """A run stopped (SIGTERM) after its first checkpoint, whose files are then truncated: --resume says which
+    checkpoint and what to do, exit 2, and leaves the checkpoints as they were (and writes no output)."""
+    import accelerate
+
+    from sparsecraft.cli import Terminated
+    from sparsecraft.recovery.trainer import checkpoints
+
+    real = accelerate.Accelerator.save_state
+    calls = []
+
+    def save_state(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 1:
+            return real(self, output_dir, **kwargs)
+        raise Terminated(signal.SIGTERM)
+
+    argv = finetune(work, tmp_path, "--steps", "4", "--checkpoint-every", "1", "--no-eval")
+    with monkeypatch.context() as m:
+        m.setattr(accelerate.Accelerator, "save_state", save_state)
+        assert main(argv) == 143
+    capsys.readouterr()
+    saved = checkpoints(tmp_path / "out.checkpoints")
+    assert [p.name for p in saved] == ["checkpoint-000001"]
+    victims = sorted(p for p in saved[0].rglob("*") if p.is_file() and p.stat().st_size > 64)
+    assert victims
+    for p in victims:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+    before = {p: p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()}
+    rc = main([*argv, "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"checkpoint {saved[0]} cannot be read" in err and "delete it" in err
+    assert {p: p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "out").exists()

@@ -383,7 +383,13 @@ def _finetune(student, teacher, data, config, *, tokenizer, out, force, checkpoi
     resumed_from = None
     if resume:
         latest = checkpoints(ckpt_dir)[-1]
-        accelerator.load_state(str(latest))
+        try:
+            accelerator.load_state(str(latest))
+        except Exception as exc:  # noqa: BLE001 - safetensors, torch.load, pickle: each has its own error types
+            # a truncated or overwritten file in the checkpoint: nothing has been trained or written yet
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            raise OutputError(f"checkpoint {latest} cannot be read ({first}): delete it to resume from the one "
+                              f"before, or run without --resume (with --force) to start over") from exc
         resumed_from = state.step
         masks.apply()
         if accelerator.is_main_process:  # a checkpoint half-written when the run was killed
