@@ -496,13 +496,13 @@ def test_text_mostly_control_characters_warns_below_the_error_bound(tmp_path):
         load_text(str(path))
 
 
-def test_sigterm_while_checkpointing_keeps_the_finished_checkpoints_only(work, tmp_path, capsys, monkeypatch):
-    """SIGTERM (here raised where the handler would raise it) in the middle of writing a fine-tuning checkpoint: the
-    half-written one is removed, the finished ones stay for --resume, and the message says so."""
+def _sigterm_after_first_checkpoint(half_write: bool):
+    """(class, name, replacement) for monkeypatch.setattr: Accelerator.save_state writes the first checkpoint, then
+    raises SIGTERM's exception (where the handler would raise it) on the second, after writing a stub file into it
+    when `half_write`."""
     import accelerate
 
     from sparsecraft.cli import Terminated
-    from sparsecraft.recovery.trainer import checkpoints
 
     real = accelerate.Accelerator.save_state
     calls = []
@@ -511,11 +511,20 @@ def test_sigterm_while_checkpointing_keeps_the_finished_checkpoints_only(work, t
         calls.append(output_dir)
         if len(calls) == 1:
             return real(self, output_dir, **kwargs)
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+        if half_write:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half")
         raise Terminated(signal.SIGTERM)
 
-    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
+    return accelerate.Accelerator, "save_state", save_state
+
+
+def test_sigterm_while_checkpointing_keeps_the_finished_checkpoints_only(work, tmp_path, capsys, monkeypatch):
+    """SIGTERM (here raised where the handler would raise it) in the middle of writing a fine-tuning checkpoint: the
+    half-written one is removed, the finished ones stay for --resume, and the message says so."""
+    from sparsecraft.recovery.trainer import checkpoints
+
+    monkeypatch.setattr(*_sigterm_after_first_checkpoint(half_write=True))
     out = tmp_path / "out"
     rc = main(finetune(work, tmp_path, "--steps", "4", "--checkpoint-every", "1", "--no-eval"))
     err = capsys.readouterr().err
@@ -529,23 +538,11 @@ def test_sigterm_while_checkpointing_keeps_the_finished_checkpoints_only(work, t
 def test_resume_from_a_corrupt_checkpoint_is_a_one_line_error(work, tmp_path, capsys, monkeypatch):
     """A run stopped (SIGTERM) after its first checkpoint, whose files are then truncated: --resume says which
     checkpoint and what to do, exit 2, and leaves the checkpoints as they were (and writes no output)."""
-    import accelerate
-
-    from sparsecraft.cli import Terminated
     from sparsecraft.recovery.trainer import checkpoints
-
-    real = accelerate.Accelerator.save_state
-    calls = []
-
-    def save_state(self, output_dir=None, **kwargs):
-        calls.append(output_dir)
-        if len(calls) == 1:
-            return real(self, output_dir, **kwargs)
-        raise Terminated(signal.SIGTERM)
 
     argv = finetune(work, tmp_path, "--steps", "4", "--checkpoint-every", "1", "--no-eval")
     with monkeypatch.context() as m:
-        m.setattr(accelerate.Accelerator, "save_state", save_state)
+        m.setattr(*_sigterm_after_first_checkpoint(half_write=False))
         assert main(argv) == 143
     capsys.readouterr()
     saved = checkpoints(tmp_path / "out.checkpoints")
