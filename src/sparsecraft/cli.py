@@ -158,6 +158,16 @@ def _recipe(args):
     )
 
 
+def evaluation_record(recipe, dense: dict, sparse: dict) -> dict:
+    """sparsecraft.json's `evaluation`: the sparse model's perplexities (built-in held-out and every out-of-domain
+    source, their geometric mean) beside the dense model's on the same windows."""
+    return {"data": recipe.data, "seqlen": recipe.seqlen, "windows": sparse["windows"],
+            "dense_perplexity": dense["perplexity"], "perplexity": sparse["perplexity"],
+            "domains": {n: {"dense_perplexity": dense["domains"][n]["perplexity"], **d}
+                        for n, d in sparse["domains"].items()},
+            "dense_geomean": dense["geomean"], "geomean": sparse["geomean"]}
+
+
 def cmd_prune(args) -> int:
     return _prune(args, _recipe(args))
 
@@ -206,13 +216,7 @@ def _prune(args, recipe) -> int:
               f"{found['seconds']:.0f}s (budget {found['budget_s']:.0f}s); KL to dense {found['uniform_kl']:.4f} "
               f"(uniform) -> {found['kl']:.4f}")
     sparse = None if args.no_eval else evaluate()
-    evaluation = None
-    if sparse is not None:
-        evaluation = {"data": recipe.data, "seqlen": recipe.seqlen, "windows": sparse["windows"],
-                      "dense_perplexity": dense["perplexity"], "perplexity": sparse["perplexity"],
-                      "domains": {n: {"dense_perplexity": dense["domains"][n]["perplexity"], **d}
-                                  for n, d in sparse["domains"].items()},
-                      "dense_geomean": dense["geomean"], "geomean": sparse["geomean"]}
+    evaluation = None if sparse is None else evaluation_record(recipe, dense, sparse)
     api.save(model, out, tokenizer=tokenizer, report=report, evaluation=evaluation, source=str(args.model),
              force=args.force)
     names = list(sparse["domains"]) if sparse is not None else []

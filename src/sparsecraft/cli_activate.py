@@ -109,6 +109,7 @@ def cmd_activate(args) -> int:
     from . import api
     from .activation import activate, remove, save_activation
     from .checkpoint import RECIPE_FILE, check_output, read_metadata
+    from .cli import evaluation_record
     from .cli_args import check_eval_args
     from .domains import eval_specs, evaluate_domains, load_sources
     from .models import check_context_early, load_model, resolve_device
@@ -143,11 +144,7 @@ def cmd_activate(args) -> int:
         summary = measured.summary()
     evaluation = None
     if sparse is not None:
-        evaluation = {"data": recipe.data, "seqlen": recipe.seqlen, "windows": sparse["windows"],
-                      "dense_perplexity": dense["perplexity"], "perplexity": sparse["perplexity"],
-                      "domains": {n: {"dense_perplexity": dense["domains"][n]["perplexity"], **d}
-                                  for n, d in sparse["domains"].items()},
-                      "dense_geomean": dense["geomean"], "geomean": sparse["geomean"],
+        evaluation = {**evaluation_record(recipe, dense, sparse),
                       "measured": summary["per_module"], "per_projection": summary["per_projection"]}
     files = {}
     if source_dir and (source_dir / RECIPE_FILE).is_file():
