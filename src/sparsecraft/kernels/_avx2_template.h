@@ -4,9 +4,14 @@
  *                            m = o / 32, zeros elsewhere (o = LUTOFF(word, b), the byte offset of m's LUT row)
  *         load8_SFX(p)       __m256: 8 consecutive stored values at p converted to fp32
  *   WT    stored element type (float, uint16_t or int8_t)
+ *   EXPAND_SCALE  (optional) the factor every expanded sum is multiplied by (a power of two: exact); default 1
  * Every function here is compiled for avx2/fma/f16c/popcnt and only called after a runtime CPU check; the per-thread
  * driver FN(run) comes from _run_template.h. SFX and WT are undefined at the end. */
 
+#ifndef EXPAND_SCALE
+#define EXPAND_SCALE 1.0f
+#define EXPAND_SCALE_DEFAULT
+#endif
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define FN(name) CAT(CAT(name, avx2), SFX)
@@ -44,7 +49,7 @@ SC_AVX2 SC_NOINLINE static float FN(bm_gemv_row)(const float *x, const uint64_t 
         STEP(0, a0) STEP(1, a1) STEP(2, a0) STEP(3, a1) STEP(4, a0) STEP(5, a1) STEP(6, a0) STEP(7, a1)
 #undef STEP
     }
-    return hsum256(_mm256_add_ps(a0, a1));
+    return hsum256(_mm256_add_ps(a0, a1)) * EXPAND_SCALE;
 }
 
 /* ---- bitmask, tile of TM = 6 x rows (stride xs) x 2 weight rows over mask words [wa, wb) ----
@@ -80,5 +85,9 @@ SC_AVX2 SC_NOINLINE static void FN(bm_tile)(const float *x, int64_t xs, const ui
 
 #include "_run_template.h" /* also undefines the ISA macros */
 #undef EXPANDI
+#ifdef EXPAND_SCALE_DEFAULT
+#undef EXPAND_SCALE
+#undef EXPAND_SCALE_DEFAULT
+#endif
 #undef SFX
 #undef WT

@@ -73,6 +73,12 @@ ISA_ATTR static void FN(run)(const Job *j, int64_t r0, int64_t r1) {
             for (int64_t m = 0; m < j->M; ++m) {
                 const VEC *a = acc + ((m / TM) * (RB / 2) + p) * NACC + (m % TM) * 2;
                 float o0 = VHSUM(a[0]), o1 = VHSUM(a[1]);
+#ifdef EXPAND_SCALE
+                if (bitmask) { /* the ISA's expanded values were scaled (a power of two) */
+                    o0 *= EXPAND_SCALE;
+                    o1 *= EXPAND_SCALE;
+                }
+#endif
                 if (!bitmask) {
                     const float *x = j->xf + m * kp;
                     for (int64_t k = kv; k < j->K; ++k) {
