@@ -10,7 +10,7 @@ from setuptools.command.build_ext import build_ext
 
 KERNELS = "src/sparsecraft/kernels"
 HEADERS = ["_kernels_common.h", "_avx2_template.h", "_avx512_kernels.h", "_avx512_template.h", "_run_template.h",
-           "_shared_kernels.h", "_decode_step.h", "_avx512_dot_kernels.h"]
+           "_shared_kernels.h", "_decode_step.h", "_avx512_dot_kernels.h", "_colskip.h"]
 
 
 class BuildExt(build_ext):

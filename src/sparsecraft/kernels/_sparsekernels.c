@@ -500,6 +500,7 @@ static PyObject *py_info(PyObject *self, PyObject *unused) {
 
 #include <math.h>
 #include "_decode_step.h" /* decode_step: a whole LLaMA-family decode step (sparsecraft.runtime.native) */
+#include "_colskip.h"     /* colskip: the column-skipping GEMV of activation sparsity (kernels/colskip.py) */
 
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "y = x W^T (+ b), raw addresses"},
@@ -507,6 +508,8 @@ static PyMethodDef methods[] = {
     {"advise_hugepages", (PyCFunction)(void (*)(void))py_advise_hugepages, METH_FASTCALL,
      "madvise(MADV_HUGEPAGE) the 2 MiB-aligned part of an untouched buffer"},
     {"info", py_info, METH_NOARGS, "build and CPU features"},
+    {"colskip", (PyCFunction)(void (*)(void))py_colskip, METH_FASTCALL,
+     "y = W (x masked by a threshold) + b reading only the kept features' rows of W^T"},
     {"decode_step", (PyCFunction)(void (*)(void))py_decode_step, METH_FASTCALL,
      "one LLaMA-family decode step (embedding .. logits) on the kernels"},
     {NULL, NULL, 0, NULL},

@@ -22,3 +22,17 @@ def linear_op(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, 
 @linear_op.register_fake
 def _(x, values, mask, rowptr, scale, bias, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("sparsecraft::colskip_linear", mutates_args=(), device_types="cpu")
+def colskip_op(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """y = (x with |x| < threshold zeroed) W + b, W given transposed (see colskip.ColumnSkipLinear)."""
+    from .colskip import colskip_matmul
+
+    return colskip_matmul(x, weight_t, threshold, bias)
+
+
+@colskip_op.register_fake
+def _(x, weight_t, threshold, bias):
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
