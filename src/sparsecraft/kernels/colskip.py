@@ -82,6 +82,14 @@ class ColumnSkipLinear(nn.Module):
     def from_linear(cls, module: nn.Linear, threshold: torch.Tensor) -> ColumnSkipLinear:
         return cls(module.weight, module.bias, threshold)
 
+    def set_threshold(self, threshold: torch.Tensor) -> None:
+        threshold = torch.as_tensor(threshold).detach()
+        if threshold.numel() not in (1, self.in_features) or threshold.dim() > 1:
+            raise KernelError(f"threshold has shape {tuple(threshold.shape)}: give a scalar or one value per input "
+                              f"feature ({self.in_features})")
+        self.threshold = threshold.clone().to(self.weight_t.device)
+        self._eff = self._effective_all()
+
     def reset_counts(self) -> None:
         self.kept = []
 
