@@ -132,3 +132,31 @@ def test_compile_sees_the_op():
     assert explained.graph_break_count == 0
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize("policy", ["all", "decode"])
+def test_saved_model_on_kernels_decodes_like_hooks(tmp_path, byte_tokenizer, policy):
+    """An activation-sparse directory loaded with kernels=True runs its thresholded dense layers as
+    ColumnSkipLinear; the lean loop (fast decoder: the native step refuses thresholds) gives the hooked model's
+    greedy tokens."""
+    import sparsecraft
+    from sparsecraft.activation import save_activation
+    from sparsecraft.runtime.decode import decoder_for
+    from sparsecraft.runtime.native import native_problem
+
+    model = build_model("llama")
+    ids = torch.randint(3, 200, (4, 32), generator=torch.Generator().manual_seed(2))
+    activate(model, ids, method="teal", sparsity=0.5, progress=False, policy=policy)
+    assert "activation thresholds" in native_problem(model)
+    prompt = ids[0, :8]
+    with torch.no_grad():
+        hooked = model.generate(prompt[None], max_new_tokens=10, do_sample=False, pad_token_id=0)[0, 8:].tolist()
+    out = save_activation(model, tmp_path / "act", tokenizer=byte_tokenizer)
+    loaded = sparsecraft.load(out, kernels=True)
+    skips = [m for m in loaded.modules() if isinstance(m, ColumnSkipLinear)]
+    assert skips and all(m.policy == policy for m in skips)
+    assert not any(installed_sites(loaded)[n] == "input" for n in installed_sites(loaded))
+    decoder = decoder_for(loaded)
+    assert decoder.name == "fast"
+    with torch.no_grad():
+        assert decoder.generate(prompt, 10, stop_at_eos=False).tokens == hooked

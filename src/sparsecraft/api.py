@@ -10,7 +10,16 @@ from torch import nn
 
 from ._version import __version__
 from .checkpoint import METADATA_FILE, RECIPE_FILE, read_metadata, save_model
-from .data import TextSplits, calibration_batch, evaluation_windows, load_text, tokenize
+from .data import (
+    MixedSplits,
+    TextSplits,
+    calibration_batch,
+    evaluation_windows,
+    load_text,
+    mix_record,
+    mixed_calibration_batch,
+    tokenize,
+)
 from .errors import ConfigError, DataError
 from .evaluate import layer_sparsity, overall_sparsity, perplexity
 from .models import check_causal, check_context, find_blocks, load_model
@@ -34,13 +43,17 @@ def _splits(data: str | Path | TextSplits) -> TextSplits:
 
 
 def calibration_ids(data: str | Path | TextSplits | torch.Tensor, tokenizer, recipe: Recipe) -> torch.Tensor:
-    """[nsamples, seqlen] token ids drawn (seeded) from the calibration part of `data`."""
+    """[nsamples, seqlen] token ids drawn (seeded) from the calibration part of `data` (of each source in
+    proportion, for a mix: `data.mixed_calibration_batch`)."""
     if isinstance(data, torch.Tensor):
         if data.ndim != 2 or data.dtype not in (torch.int64, torch.int32):
             raise DataError(f"calibration ids must be an integer tensor [nsamples, seqlen], got {tuple(data.shape)} "
                             f"{data.dtype}")
         return data.long()
-    tokens = tokenize(tokenizer, _splits(data).calibration)
+    splits = _splits(data)
+    if isinstance(splits, MixedSplits):
+        return mixed_calibration_batch(splits, tokenizer, recipe.nsamples, recipe.seqlen, recipe.seed)
+    tokens = tokenize(tokenizer, splits.calibration)
     return calibration_batch(tokens, recipe.nsamples, recipe.seqlen, recipe.seed)
 
 
@@ -49,7 +62,8 @@ def prune(model: nn.Module | str, calibration="builtin", recipe: Recipe | dict |
           ) -> tuple[nn.Module, PruneReport]:
     """Prune `model` in place (a module, or a spec such as 'default' to load) and return it with a report.
 
-    `calibration`: 'builtin', 'wikitext2', 'c4', a text-file path, TextSplits, or token ids [n, seqlen].
+    `calibration`: 'builtin', 'wikitext2', 'c4', a text-file path, several of them ('builtin,licenses',
+    'builtin:0.7,licenses:0.3': windows from each in proportion), TextSplits, or token ids [n, seqlen].
     `recipe` and keyword overrides (method=, sparsity=, pattern=, nsamples=, ...) describe the run.
     """
     recipe = make_recipe(recipe, **overrides)
@@ -62,7 +76,7 @@ def prune(model: nn.Module | str, calibration="builtin", recipe: Recipe | dict |
 
 
 def _prune(model: nn.Module, calibration, recipe: Recipe, tokenizer, device, progress: bool) -> PruneReport:
-    ids = tokens = None
+    ids = tokens = mix = None
     if recipe.needs_data:
         check_context(model, calibration.shape[-1] if isinstance(calibration, torch.Tensor) else recipe.seqlen)
         check_causal(model, "calibration statistics are drawn as for next-token prediction, which it does not do",
@@ -70,13 +84,19 @@ def _prune(model: nn.Module, calibration, recipe: Recipe, tokenizer, device, pro
     if recipe.needs_data and isinstance(calibration, torch.Tensor):
         ids = calibration_ids(calibration, tokenizer, recipe)
     elif recipe.needs_data:
-        calibration_text = _splits(calibration).calibration
-        tokens = tokenize(tokenizer, calibration_text)
-        ids = calibration_batch(tokens, recipe.nsamples, recipe.seqlen, recipe.seed)
+        splits = _splits(calibration)
+        calibration_text = splits.calibration
+        if isinstance(splits, MixedSplits):  # windows from each source in proportion to its weight
+            mix = (splits, [tokenize(tokenizer, s.calibration) for s in splits.sources])
+            ids = mixed_calibration_batch(splits, tokenizer, recipe.nsamples, recipe.seqlen, recipe.seed,
+                                          tokens=mix[1])
+        else:
+            tokens = tokenize(tokenizer, calibration_text)
+            ids = calibration_batch(tokens, recipe.nsamples, recipe.seqlen, recipe.seed)
     search = None
     if recipe.allocation == "search":
         recipe, search = _search(model, tokens, ids, recipe, device, progress, tokenizer,
-                                 calibration_text if tokens is not None else None)
+                                 calibration_text if tokens is not None or mix is not None else None, mix=mix)
     torch.manual_seed(recipe.seed)
     report = prune_model(model, ids, recipe, device=device, progress=progress)
     if search is not None:
@@ -86,17 +106,21 @@ def _prune(model: nn.Module, calibration, recipe: Recipe, tokenizer, device, pro
 
 
 def _search(model, tokens, ids, recipe: Recipe, device, progress: bool, tokenizer=None,
-            calibration_text: str | None = None) -> tuple[Recipe, dict]:
+            calibration_text: str | None = None, mix=None) -> tuple[Recipe, dict]:
     """allocation=search: find per-block sparsities (search.py) and return the recipe that replays them
     (uniform allocation + overrides), with a summary of the search. Candidates are scored on windows drawn with
     seed + 1 from `search_fitness_data`'s calibration part when the recipe names one (the validation domain, so the
     search does not overfit the calibration windows), else from the calibration text, or, when only token ids were
-    given, on the first calibration windows."""
+    given, on the first calibration windows. `mix`: (MixedSplits, each source's calibration tokens) when the
+    calibration is a mix: the fitness windows are then drawn from each source in proportion too."""
     from .search import fitness_windows, parse_budget, search_levels, searched_recipe
 
     budget = parse_budget(recipe.search_budget)
     if recipe.search_fitness_data is not None:
         windows = fitness_windows(tokenizer, recipe, calibration_text)
+    elif mix is not None:
+        windows = mixed_calibration_batch(mix[0], tokenizer, recipe.search_fitness_samples, recipe.seqlen,
+                                          recipe.seed + 1, every_source=False, tokens=mix[1])
     elif tokens is None:
         windows = ids[:recipe.search_fitness_samples]
     else:
@@ -149,6 +173,13 @@ def save(model: nn.Module, path: str | Path, *, tokenizer=None, report: PruneRep
     if evaluation is not None:
         metadata["evaluation"] = evaluation
     metadata.update(extra or {})
+    if report is not None and "calibration" not in metadata:
+        try:
+            mix = mix_record(report.recipe.get("data", "builtin"), report.recipe.get("nsamples", 64))
+        except DataError:  # a recipe whose data was never read (token ids given): nothing to record
+            mix = None
+        if mix is not None and Recipe.from_dict(report.recipe).needs_data:
+            metadata["calibration"] = mix  # what each source contributed: weight and calibration windows
     files = {RECIPE_FILE: Recipe.from_dict(report.recipe).to_yaml_text()} if report is not None else {}
     return save_model(model, path, tokenizer=tokenizer, metadata=metadata, force=force, files=files)
 
@@ -171,6 +202,12 @@ def load(path: str | Path, dtype: str | torch.dtype | None = None, kernels: bool
         from .activation import install_saved
 
         install_saved(model, path)  # activation-sparsity thresholds stored with the model, if any
+        from .kernels.linear import SparseLinear
+
+        if any(isinstance(m, SparseLinear) for m in model.modules()):
+            from .kernels.colskip import apply_column_skip
+
+            apply_column_skip(model)  # on the kernels: thresholded dense layers skip the weight rows x drops
     return model
 
 

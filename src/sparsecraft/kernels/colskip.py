@@ -62,8 +62,12 @@ class ColumnSkipLinear(nn.Module):
     weight rows (of Wᵀ) of the features a token keeps. `kept` holds the kept-feature counts of the decode calls
     since the last `reset_counts()` (for the skipped-bytes report)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, threshold: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, threshold: torch.Tensor,
+                 policy: str = "all"):
         super().__init__()
+        if policy not in ("all", "decode"):
+            raise KernelError(f"policy must be 'all' or 'decode', got {policy!r}")
+        self.policy = policy  # 'decode': multi-token inputs (prefill) are not thresholded, as the hooks do
         if weight.dim() != 2:
             raise KernelError(f"ColumnSkipLinear takes a 2-D weight [out, in], got {tuple(weight.shape)}")
         out_features, in_features = weight.shape
@@ -114,6 +118,8 @@ class ColumnSkipLinear(nn.Module):
         return self.weight_t.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.policy == "decode" and x.dim() >= 2 and x.shape[-2] != 1:  # ThresholdMask's prefill rule
+            return nn.functional.linear(x, self.weight_t.t(), self.bias)
         t = self.effective(x.dtype)
         if x.requires_grad and torch.is_grad_enabled():
             xm = x.masked_fill(x.abs() < self.threshold, 0)
@@ -131,21 +137,29 @@ class ColumnSkipLinear(nn.Module):
 
 
 def apply_column_skip(model: nn.Module) -> list[str]:
-    """Replace every plain nn.Linear whose input carries an installed activation threshold with a ColumnSkipLinear
-    (the hook is removed: the kernel applies the threshold itself). Returns the replaced module names."""
+    """Replace every linear layer with dense weights (nn.Linear, or a SparseLinear in the dense format with float
+    values) whose input carries an installed activation threshold with a ColumnSkipLinear (the hook is removed: the
+    kernel applies the threshold itself). Bitmask-packed and int8 layers keep their hook (no column-skipping kernel
+    over packed weights yet). Returns the replaced module names."""
     from ..activation import hooks
     from ..activation.sites import INPUT
+    from .linear import SparseLinear
 
-    thresholds, sites = hooks.installed(model), hooks.installed_sites(model)
     modules = dict(model.named_modules())
     done = []
-    for name, t in thresholds.items():
-        module = modules[name]
-        if sites[name] != INPUT or type(module) is not nn.Linear:
+    for name, mask in hooks.masks(model).items():
+        module, t = modules[name], mask.threshold
+        if mask.kind != INPUT:
+            continue
+        if type(module) is nn.Linear:
+            weight, bias = module.weight, module.bias
+        elif isinstance(module, SparseLinear) and module.format == "dense" and not module.quantize:
+            weight, bias = module.dense_weight(), module.bias
+        else:
             continue
         hooks.detach(module)
         parent_name, _, attr = name.rpartition(".")
         parent = modules[parent_name] if parent_name else model
-        setattr(parent, attr, ColumnSkipLinear.from_linear(module, t))
+        setattr(parent, attr, ColumnSkipLinear(weight, bias, t, mask.policy))
         done.append(name)
     return done

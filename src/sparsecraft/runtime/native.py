@@ -39,6 +39,11 @@ def native_problem(model: nn.Module) -> str | None:
         act = layer.mlp.act_fn
         if type(act).__name__ not in ("SiLU", "SiLUActivation"):
             return f"the MLP activation is {type(act).__name__}, not SiLU"
+    from ..activation.hooks import masks
+    from ..kernels.colskip import ColumnSkipLinear
+
+    if masks(model) or any(isinstance(m, ColumnSkipLinear) for m in model.modules()):
+        return "activation thresholds are installed (the native step does not apply them; the fast decoder does)"
     if any(isinstance(m, nn.Linear) and m.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16)
            for m in model.modules()):
         return "a linear layer is not float32, bfloat16 or float16"
