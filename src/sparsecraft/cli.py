@@ -11,6 +11,7 @@ import traceback
 import warnings
 
 from .cli_args import finite_float
+from .data import MixedSplits, calibration_counts
 from .domains import eval_specs, evaluate_domains, load_sources
 from .errors import ConfigError, SparsecraftError
 
@@ -18,7 +19,9 @@ from .errors import ConfigError, SparsecraftError
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help="builtin (default: CPython docs, held-out split), wikitext2, c4 (local HF datasets), "
-                        "a UTF-8 text file, a .jsonl file ({\"text\": ...} per line) or a directory of them")
+                        "a UTF-8 text file, a .jsonl file ({\"text\": ...} per line) or a directory of them; "
+                        "or several, comma-separated, with optional weights (builtin:0.7,licenses:0.3; default "
+                        "equal): calibration windows from each in proportion, each one's held-out split evaluated")
     p.add_argument("--eval-data", action="append", default=None,
                    help="out-of-domain evaluation text, besides --data's held-out split (repeatable or "
                         "comma-separated; names as for --data, or files); default: licenses (Debian's "
@@ -198,6 +201,8 @@ def _prune(args, recipe) -> int:
     if recipe.needs_data or not args.no_eval:
         check_context_early(args.model, recipe.seqlen)
     splits = api.load_text(recipe.data)  # bad text fails before the model loads
+    if recipe.needs_data and isinstance(splits, MixedSplits):
+        calibration_counts(splits, recipe.nsamples)  # and so does a mix that leaves a source without a window
     sources = None if args.no_eval else load_sources(eval_specs(args.eval_data, recipe.data), splits)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     model.to(device)
@@ -278,7 +283,8 @@ def cmd_eval(args) -> int:
     if len(rows) > 1:
         rows.append([args.model, recipe.get("method", "-"), recipe.get("pattern", "-"), "geometric mean", "-",
                      f"{result['sparsity']:.2%}", result["geomean"]])
-    rows[0][3] = result["data"]
+    if not isinstance(splits, MixedSplits):  # a mix's rows are its sources, by name
+        rows[0][3] = result["data"]
     print(format_table(["model", "method", "pattern", "data", "windows", "sparsity", "perplexity"], rows))
     if args.json:
         write_json_atomic(args.json, {**result, "model": args.model, "recipe": recipe})

@@ -20,14 +20,19 @@ Every source is split into a calibration part and a disjoint evaluation part:
   settings are chosen on (neither the calibration text nor the out-of-domain test text).
 - ``wikitext2``: the train split for calibration, the test split for evaluation (as in the papers).
 - ``c4``: the first shard of the train split for calibration, validation for evaluation.
+- several sources at once, ``builtin,licenses`` or with mix weights ``builtin:0.7,licenses:0.3`` (`MixedSplits`):
+  calibration windows come from each source in proportion to its weight, and evaluation reports each source's own
+  held-out split (see `parse_mix` for the rule that tells a weight from a path).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -342,10 +347,7 @@ def hf_splits(name: str) -> TextSplits:
     return TextSplits(name, joiner.join(calib_docs), joiner.join(eval_docs))
 
 
-def load_text(spec: str | Path = "builtin") -> TextSplits:
-    """Resolve a data spec: 'builtin', 'licenses', 'manpages', 'wikitext2', 'c4', or a path to a UTF-8 text file, a
-    .jsonl file (one {"text": ...} per line) or a directory of them."""
-    spec = str(spec)
+def _load_one(spec: str) -> TextSplits:
     if spec == "builtin":
         return builtin_splits()
     if spec == "licenses":
@@ -358,6 +360,137 @@ def load_text(spec: str | Path = "builtin") -> TextSplits:
     if path.exists() or path.suffix or "/" in spec:
         return file_splits(path)
     raise DataError(f"unknown data {spec!r}: use builtin, licenses, manpages, wikitext2, c4 or a path to a text file")
+
+
+NAMED_SOURCES = ("builtin", "licenses", "manpages", *_HF_DATASETS)
+MIX_EXAMPLE = "e.g. --data builtin,licenses or --data builtin:0.7,licenses:0.3"
+
+
+@dataclass(frozen=True)
+class MixedSplits(TextSplits):
+    """Several calibration sources at once (`load_text('a,b')`, `load_text('a:0.7,b:0.3')`).
+
+    `sources`: each source's own TextSplits, in the order given; `specs`: the specs they were loaded from;
+    `weights`: their shares, normalised to sum to 1 (exact fractions; equal when none were given). `calibration` and
+    `evaluation` are the sources' texts joined (for code that reads one text), but calibration windows are drawn per
+    source (`mixed_calibration_batch`) and evaluation reports each source's held-out split on its own
+    (`domains.load_sources`)."""
+
+    sources: tuple[TextSplits, ...] = ()
+    specs: tuple[str, ...] = ()
+    weights: tuple[Fraction, ...] = ()
+
+
+def _exact(text: str, value: float) -> Fraction:
+    try:
+        return Fraction(text)  # the decimal as written: 0.7 is 7/10
+    except ValueError:
+        return Fraction(value)
+
+
+def parse_mix(spec: str | Path) -> list[tuple[str, Fraction | None]]:
+    """The sources of a data spec with their (unnormalised) weights, None where none was given.
+
+    The rule: a spec that names an existing file or directory as a whole is that one source (so a path may hold
+    commas and colons). Otherwise the spec is split at commas; an item that names an existing path is that source;
+    else, when the text after the item's last ':' parses as a number (``float``), that is the item's weight (it must
+    be finite and > 0) and the text before it the source (so ``C:\\corpus.txt`` stays a path, ``notes.txt:0.3`` is
+    notes.txt at weight 0.3). Weights are given to every source or to none; a source may appear once. A path that
+    holds a comma can only be given on its own (a mix is split at every comma)."""
+    spec = str(spec)
+    if ("," not in spec and ":" not in spec) or Path(spec).expanduser().exists():
+        return [(spec, None)]
+    items: list[tuple[str, Fraction | None]] = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            raise DataError(f"data {spec!r} has an empty entry: give sources separated by single commas, "
+                            f"{MIX_EXAMPLE}")
+        source, weight = item, None
+        head, colon, tail = item.rpartition(":")
+        if colon and not Path(item).expanduser().exists():
+            try:
+                value = float(tail)
+            except ValueError:
+                if head.strip() in NAMED_SOURCES:
+                    raise DataError(f"the weight of {head.strip()} in data {spec!r} is {tail!r}, not a number: "
+                                    f"{MIX_EXAMPLE}") from None
+            else:
+                if not math.isfinite(value) or value <= 0:
+                    raise DataError(f"the weight of {head.strip() or '?'} in data {spec!r} is {tail.strip()}: "
+                                    f"weights must be finite and > 0, {MIX_EXAMPLE}")
+                if not head.strip():
+                    raise DataError(f"data {spec!r} has a weight without a source ({item!r}): {MIX_EXAMPLE}")
+                source, weight = head.strip(), _exact(tail.strip(), value)
+        items.append((source, weight))
+    given = [w is not None for _, w in items]
+    if any(given) and not all(given):
+        missing = ", ".join(s for s, w in items if w is None)
+        raise DataError(f"data {spec!r} gives weights to some sources but not to {missing}: weight every source or "
+                        f"none (none: equal shares), {MIX_EXAMPLE}")
+    seen: dict[str, str] = {}
+    for source, _ in items:
+        key = source if source in NAMED_SOURCES else str(Path(source).expanduser().resolve())
+        if key in seen:
+            raise DataError(f"data {spec!r} names {source} twice: give each source once (its weight sets its share)")
+        seen[key] = source
+    return items
+
+
+def load_text(spec: str | Path = "builtin") -> TextSplits:
+    """Resolve a data spec: 'builtin', 'licenses', 'manpages', 'wikitext2', 'c4', or a path to a UTF-8 text file, a
+    .jsonl file (one {"text": ...} per line) or a directory of them; or several of these separated by commas, with
+    optional weights (``builtin:0.7,licenses:0.3``; see `parse_mix`): a MixedSplits."""
+    spec = str(spec)
+    items = parse_mix(spec)
+    if len(items) == 1:  # one source (a weight on its own changes nothing)
+        return _load_one(items[0][0])
+    sources = tuple(_load_one(source) for source, _ in items)
+    raw = [Fraction(1) if w is None else w for _, w in items]
+    total = sum(raw)
+    return MixedSplits(",".join(item.strip() for item in spec.split(",")),
+                       "\n\n".join(s.calibration for s in sources), "\n\n".join(s.evaluation for s in sources),
+                       sources=sources, specs=tuple(source for source, _ in items),
+                       weights=tuple(w / total for w in raw))
+
+
+def mix_counts(weights, nsamples: int) -> list[int]:
+    """Windows per source: nsamples * weight rounded by largest remainder (exact arithmetic; ties go to the
+    source given first), so the counts sum to `nsamples`."""
+    shares = [Fraction(w) for w in weights]
+    total = sum(shares)
+    quotas = [nsamples * w / total for w in shares]
+    counts = [math.floor(q) for q in quotas]
+    order = sorted(range(len(quotas)), key=lambda i: (counts[i] - quotas[i], i))  # largest remainder first
+    for i in order[: nsamples - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def calibration_counts(splits: MixedSplits, nsamples: int) -> list[int]:
+    """`mix_counts` of a mix's calibration windows; every source must get at least one window."""
+    if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
+        raise ConfigError(f"nsamples must be a positive integer, got {nsamples!r}")
+    counts = mix_counts(splits.weights, nsamples)
+    for source, weight, count in zip(splits.sources, splits.weights, counts):
+        if count == 0:
+            raise ConfigError(f"data {splits.name!r} gives {source.name} (weight {float(weight):.3g}) none of the "
+                              f"{nsamples} calibration windows: raise --nsamples (to at least {math.ceil(1 / weight)}) "
+                              "or that source's weight")
+    return counts
+
+
+def mix_record(spec: str, nsamples: int) -> dict | None:
+    """What a mixed data spec calibrates on, for sparsecraft.json: {'data', 'sources': [{'source', 'weight',
+    'windows'}]}; None for a single source."""
+    items = parse_mix(spec)
+    if len(items) == 1:
+        return None
+    raw = [Fraction(1) if w is None else w for _, w in items]
+    counts = mix_counts(raw, nsamples)
+    total = sum(raw)
+    return {"data": str(spec), "sources": [{"source": s, "weight": float(w / total), "windows": n}
+                                           for (s, _), w, n in zip(items, raw, counts)]}
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -382,6 +515,24 @@ def calibration_batch(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: in
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seqlen + 1, (nsamples,), generator=gen)
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def mixed_calibration_batch(splits: MixedSplits, tokenizer, nsamples: int, seqlen: int, seed: int, *,
+                            every_source: bool = True, tokens: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """`nsamples` windows of a mix: source i's `mix_counts` share, drawn from its own calibration text exactly as
+    `calibration_batch(its tokens, count, seqlen, seed)` (the windows `--data <that source> --nsamples <count>`
+    would use), stacked in the order the sources were given. `every_source`: refuse a source that rounds to no
+    window (else it is skipped). `tokens`: the sources' calibration tokens when already tokenized."""
+    counts = calibration_counts(splits, nsamples) if every_source else mix_counts(splits.weights, nsamples)
+    tokens = tokens if tokens is not None else [tokenize(tokenizer, s.calibration) for s in splits.sources]
+    parts = []
+    for source, ids, count in zip(splits.sources, tokens, counts):
+        if count:
+            try:
+                parts.append(calibration_batch(ids, count, seqlen, seed))
+            except DataError as exc:
+                raise DataError(f"{source.name}: {exc}") from None
+    return torch.cat(parts)
 
 
 def evaluation_windows(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:

@@ -13,6 +13,10 @@ paragraph of it that also occurs in the calibration text is dropped, so no evalu
 text (`disjoint_from`). The report gives each source's perplexity and their geometric mean, the figure recipes are
 ranked by.
 
+A calibration mix (``--data builtin,licenses``, data.MixedSplits) is evaluated on each of its sources' own held-out
+splits, in the order given (each made disjoint from the whole mix's calibration text), then the ``--eval-data``
+sources that are not in the mix.
+
 A third source, ``manpages`` (section 7 of the Linux man pages, Debian's ``manpages`` package), is the
 *validation* domain: the refinement settings (refit's ridge/shrinkage/iterations, refine/refit.py) and the search's
 fitness (``search_fitness_data``) are chosen on it, so that neither the calibration text nor the test texts
@@ -24,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 
-from .data import TextSplits, load_text
+from .data import MixedSplits, TextSplits, load_text
 from .errors import DataError
 
 DEFAULT_EVAL_DATA = ("licenses",)
@@ -78,9 +82,14 @@ def load_sources(specs: list[str], calibration: TextSplits | None = None, *,
                  defaults_optional: bool = True) -> list[TextSplits]:
     """Load each evaluation source, made disjoint from `calibration`'s calibration text (default: the first
     source's). A default out-of-domain source that is missing here (a non-Debian system) is skipped with a warning
-    when `defaults_optional`; any other failure is the source's one-line DataError."""
+    when `defaults_optional`; any other failure is the source's one-line DataError. A mix as the first source
+    (MixedSplits) stands for its sources, each evaluated on its own held-out split; a later spec that is one of them
+    is not evaluated twice."""
     out: list[TextSplits] = []
+    skip: set[str] = set()
     for i, spec in enumerate(specs):
+        if i > 0 and spec in skip:
+            continue
         try:
             splits = calibration if i == 0 and calibration is not None else load_text(spec)
         except DataError as exc:
@@ -88,8 +97,14 @@ def load_sources(specs: list[str], calibration: TextSplits | None = None, *,
                 warnings.warn(f"no out-of-domain evaluation text: {exc}", UserWarning, stacklevel=2)
                 continue
             raise
+        if i == 0 and isinstance(splits, MixedSplits):
+            skip = set(splits.specs) | {s.name for s in splits.sources}
+        if i > 0 and splits.name in skip:
+            continue
         out.append(splits)
     calib_text = (calibration or out[0]).calibration
+    if isinstance(out[0], MixedSplits):
+        return [disjoint_from(s, calib_text) for s in (*out[0].sources, *out[1:])]
     return [out[0]] + [disjoint_from(s, calib_text) for s in out[1:]]
 
 

@@ -329,7 +329,8 @@ def run_sweep(*, model_spec: str, dtype, base_recipe, rows: list[RowSpec], json_
     check_context(model, max(eval_seqlen, base_recipe.seqlen))
     check_causal(model, "its perplexity would score predictions made from the tokens they predict")
     all_windows = windows_for(sources, tokenizer, eval_seqlen, max_eval_windows)
-    windows = all_windows[splits.name]
+    first = sources[0].name  # the calibration source (a mix: its first source)
+    windows = all_windows[first]
     data["load_seconds"] = time.perf_counter() - t0
     # on the CPU, so that an accelerator holds one copy of the model
     dense_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -350,7 +351,7 @@ def run_sweep(*, model_spec: str, dtype, base_recipe, rows: list[RowSpec], json_
     if data["dense"] is None:
         t1 = time.perf_counter()
         dense_ppl = ppl()
-        data["dense"] = {"perplexity": dense_ppl[splits.name], "sparsity": overall_sparsity(layer_sparsity(model)),
+        data["dense"] = {"perplexity": dense_ppl[first], "sparsity": overall_sparsity(layer_sparsity(model)),
                          "windows": int(windows.shape[0]), "tokens": int(windows.numel()),
                          "seconds": time.perf_counter() - t1, **domain_fields(dense_ppl)}
         save()
@@ -364,7 +365,7 @@ def run_sweep(*, model_spec: str, dtype, base_recipe, rows: list[RowSpec], json_
         _, report = api.prune(model, splits, recipe, tokenizer=tokenizer, device=device, progress=False)
         t1 = time.perf_counter()
         values = ppl()
-        value = values[splits.name]
+        value = values[first]
         row = {
             "key": spec.key, "method": spec.method, "pattern": spec.pattern, "sparsity": spec.sparsity,
             "reached": report.sparsity, "perplexity": value, "ratio": value / data["dense"]["perplexity"],
