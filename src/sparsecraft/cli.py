@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the report to this JSON file")
     e.add_argument("--layers", action="store_true", help="print the per-layer sparsity table")
     e.add_argument("--dtype", default=None)
+    e.add_argument("--tasks", default=None,
+                   help="also run lm-eval tasks (pip install 'sparsecraft[tasks]'), comma-separated: task names "
+                        "(hellaswag,arc_easy), task YAML files or directories of them; only data already on disk "
+                        "(local files or the local HF datasets cache): the hub stays offline")
+    e.add_argument("--num-fewshot", type=int, default=None,
+                   help="--tasks: examples in each prompt (default 0: zero-shot)")
+    e.add_argument("--limit", type=int, default=None,
+                   help="--tasks: at most this many documents per task (quick checks; not comparable figures)")
     _add_data_args(e)
 
     x = sub.add_parser("export", help="write a pruned model in a compressed-tensors sparse format (smaller files)")
@@ -261,6 +269,9 @@ def cmd_eval(args) -> int:
     meta = read_metadata(args.model) if args.model != "default" and os.path.isdir(args.model) else {}
     splits = api.load_text(args.data or "builtin")  # bad text fails before the model loads
     sources = load_sources(eval_specs(args.eval_data, args.data or "builtin"), splits)
+    from . import tasks as lm_tasks
+
+    plan = lm_tasks.from_args(args)  # lm-eval and each task's local data, before the model loads (None: no --tasks)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     from .cli_activate import installed_for_eval, print_activation
 
@@ -269,6 +280,8 @@ def cmd_eval(args) -> int:
         result = evaluate_domains(model, sources, tokenizer=tokenizer, seqlen=args.seqlen,
                                   batch_size=args.eval_batch_size, max_windows=args.max_eval_windows,
                                   progress=not args.quiet)
+        if plan is not None:  # the model as loaded and evaluated: sparse weights, kernels, activation sparsity
+            result["tasks"] = lm_tasks.run_from_args(plan, args, model, tokenizer)
     if activation is not None:
         result["activation"] = activation.summary()
         print_activation(result["activation"])
@@ -286,6 +299,8 @@ def cmd_eval(args) -> int:
     if not isinstance(splits, MixedSplits):  # a mix's rows are its sources, by name
         rows[0][3] = result["data"]
     print(format_table(["model", "method", "pattern", "data", "windows", "sparsity", "perplexity"], rows))
+    if plan is not None:
+        print(lm_tasks.format_tasks(result["tasks"]))
     if args.json:
         write_json_atomic(args.json, {**result, "model": args.model, "recipe": recipe})
     return 0
