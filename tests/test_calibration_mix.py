@@ -275,3 +275,26 @@ def test_search_fitness_windows_of_a_mix_come_from_each_source(files, byte_token
     assert torch.equal(seen["windows"], mixed_calibration_batch(mix, byte_tokenizer, 2, SEQLEN, 1))
     assert letters_of(byte_tokenizer, seen["windows"][0]) <= set(ALPHABET_A)
     assert letters_of(byte_tokenizer, seen["windows"][1]) <= set(ALPHABET_B)
+
+
+def test_bench_calibration_sensitivity_on_the_tiny_model(files, llama_dir, capsys):
+    """bench/calibration_sensitivity.py: one recipe calibrated on A, on B and on the mix, evaluated on both."""
+    import importlib.util
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("calibration_sensitivity", bench / "calibration_sensitivity.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        a, b = files
+        module.main(["--domains", f"{a},{b}", "--mix", "--settings", "0.5", "--rows", "wanda", "--model",
+                     str(llama_dir), "--nsamples", "4", "--seqlen", str(SEQLEN), "--max-eval-windows", "2",
+                     "--in-process"])
+    finally:
+        sys.path.remove(str(bench))
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.strip().startswith("wanda")]
+    assert len(rows) == 3, out  # calibrated on A, on B, on A,B
+    assert "cross" in out and "%" in rows[0]
