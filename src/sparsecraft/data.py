@@ -28,7 +28,6 @@ Every source is split into a calibration part and a disjoint evaluation part:
 from __future__ import annotations
 
 import math
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -316,9 +315,9 @@ _HF_DATASETS = {
 
 def hf_splits(name: str) -> TextSplits:
     args, kwargs, calib_split, eval_split, column, joiner = _HF_DATASETS[name]
-    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    os.environ.update({k: "1" for k in saved})  # never wait on a network that is not there
-    try:
+    from .tasks import offline  # the env variables and the flags datasets / the hub read them into at import
+
+    with offline():  # never wait on a network that is not there
         try:
             import datasets
         except ImportError:
@@ -333,12 +332,6 @@ def hf_splits(name: str) -> TextSplits:
                 f"dataset {name!r} is not available locally ({type(exc).__name__}); download it where there is "
                 "a network into the HF cache, or use --data builtin or --data path/to/text.txt"
             ) from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     if name == "c4":  # the papers draw from a bounded prefix of the shards
         calib_docs = ds[calib_split][column][:20000]
         eval_docs = ds[eval_split][column][:1100]
