@@ -40,6 +40,9 @@ for lean dense and llama.cpp F16/BF16; torch generate on the pruned, or dequanti
 rows, run in the row's subprocess after the timing; --no-token-check skips those; for int8 that is the dequantized
 weights rounded to bf16, while the kernels use q * scale in float32), informational: bf16 results differ in rounding
 between implementations.
+`lean act N%` rows (--activation-sparsities, default 0.4,0.5): the dense model with TEAL thresholds (policy decode,
+calibrated on the builtin text; llama1b on 4 windows) loaded with kernels=True, i.e. its thresholded layers on the
+column-skipping kernel, decoded by the fast decoder (the native step does not apply thresholds).
 --split adds a table of per-token milliseconds in linear layers / attention / other (sparsecraft.runtime.profile).
 
   python bench/decode.py                                   # both models (llama1b: run it on a quiet machine)
@@ -233,6 +236,28 @@ class Workdir:
             sparsecraft.export(src, path, "bitmask", force=True, dtype=values)
         return path
 
+    def activated(self, sparsity: float) -> Path:
+        """The dense model with TEAL thresholds for `sparsity` activation sparsity (policy 'decode': prefill stays
+        dense), calibrated on the builtin text; loaded with kernels=True its thresholded layers run the
+        column-skipping kernel."""
+        path = self.root / f"teal-act{sparsity * 100:g}"
+        if (path / "config.json").is_file():
+            return path
+        import torch
+
+        import sparsecraft
+        from sparsecraft.activation import activate, save_activation
+
+        log(f"{self.name}: calibrating TEAL thresholds for {sparsity:.0%} activation sparsity ...")
+        model, tokenizer = sparsecraft.load_model(self.dense, dtype=torch.bfloat16)
+        # llama1b (random weights: only the speed means anything): 4 windows, not 16 (its calibration runs each
+        # block four times over the windows, ~25 min on 2 cores at 16)
+        activate(model, "builtin", tokenizer=tokenizer, method="teal", sparsity=sparsity, policy="decode",
+                 nsamples=4 if self.random else 16, progress=False)
+        save_activation(model, path, tokenizer=tokenizer, source=str(self.dense), force=True)
+        log(f"  wrote {path}")
+        return path
+
     def gguf(self, level: dict | None, outtype: str) -> Path:
         from sparsecraft.runtime import llamacpp
 
@@ -388,6 +413,10 @@ def plan(args, wd: Workdir, levels: list[dict], int8: bool, llama_cpp: bool) -> 
             rows.append({"run": f"lean {level['label']}" + (" int8" if values == "int8" else ""), "kind": "lean",
                          "weights": f"{values} bitmask", "level": level["label"],
                          "prepare": lambda lv=level, v=values: wd.exported(lv, v)})
+    for act in activation_levels(args):
+        label = f"act {act * 100:g}%"
+        rows.append({"run": f"lean {label}", "kind": "lean", "weights": "bf16 dense, TEAL thresholds (colskip)",
+                     "level": label, "prepare": lambda a=act: wd.activated(a)})
     if llama_cpp:
         types = [t.strip().lower() for t in args.gguf_types.split(",") if t.strip()]
         pruned = levels if args.llama_cpp_pruned else []
@@ -400,6 +429,22 @@ def plan(args, wd: Workdir, levels: list[dict], int8: bool, llama_cpp: bool) -> 
     if args.rows:
         rows = [r for r in rows if re.search(args.rows, r["run"])]
     return rows
+
+
+def activation_levels(args) -> list[float]:
+    text = (args.activation_sparsities or "").strip().lower()
+    if text in ("", "none"):
+        return []
+    out = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            value = -1.0
+        if not 0.0 < value < 1.0:
+            sys.exit(f"--activation-sparsities: {part!r} is not a fraction in (0, 1)")
+        out.append(value)
+    return out
 
 
 def same_tokens(tokens, reference) -> str:
@@ -496,6 +541,9 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.5,0.7,2:4", help="fractions and/or N:M patterns (default 0.5,0.7,2:4)")
     ap.add_argument("--method", default=None, help="pruning method (default: magnitude for llama1b, wanda otherwise)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per run (default 64, --quick 16)")
+    ap.add_argument("--activation-sparsities", default="0.4,0.5",
+                    help="activation (TEAL) sparsities of the `lean act` rows: dense weights, thresholded inputs on "
+                         "the column-skipping kernel (default 0.4,0.5; 'none' for no such rows)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for every row (default 2)")
     ap.add_argument("--passes", type=int, default=1,
                     help="run every row this many times, one after another, keeping each row's best (rows then "
